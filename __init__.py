@@ -1,0 +1,40 @@
+"""lookalike: zero-shot personalization of diffusers text-to-image models.
+
+The public API is imported lazily so that ``lookalike --help`` never imports torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "Personalizer": "lookalike.pipeline.personalizer",
+    "AdapterSpec": "lookalike.adapters.spec",
+    "REGISTRY": "lookalike.adapters.spec",
+    "get_spec": "lookalike.adapters.spec",
+    "register": "lookalike.adapters.spec",
+    "IPAdapter": "lookalike.adapters.module",
+    "attach_adapters": "lookalike.adapters.attach",
+    "load_adapter": "lookalike.weights.io",
+    "save_adapter": "lookalike.weights.io",
+    "LookalikeError": "lookalike.errors",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .adapters.attach import attach_adapters
+    from .adapters.module import IPAdapter
+    from .adapters.spec import REGISTRY, AdapterSpec, get_spec, register
+    from .errors import LookalikeError
+    from .pipeline.personalizer import Personalizer
+    from .weights.io import load_adapter, save_adapter
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'lookalike' has no attribute {name!r}")

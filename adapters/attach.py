@@ -1,0 +1,272 @@
+"""Attach adapters to a diffusers UNet, condition a generation, and detach exactly.
+
+:func:`attach_adapters` swaps the attention processors and returns an :class:`AdapterHandle` that undoes it.
+Per generation, :meth:`AdapterHandle.conditioned` holds each adapter's image tokens, scale, timestep window
+and masks; image keys/values are computed once per layer and reused at every denoising step.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import LookalikeError
+from .attention import BACKENDS, DecoupledAttnProcessor, ip_kv
+from .module import AttnLayer, IPAdapter, attention_layers
+
+#: One adapter's scale: a float, a float per masked image, or diffusers' per-block dict.
+Scale = Union[float, Sequence[float], dict]
+
+
+def expand_block_scale(unet: nn.Module, scale: dict, default: float = 0.0) -> dict[str, Any]:
+    """Diffusers' ``set_ip_adapter_scale`` dict -> ``{transformer prefix: value}``; unnamed blocks get 0.
+
+    ``{"down": {"block_2": [0.0, 1.0]}, "up": {"block_0": [0.0, 1.0, 0.0]}}`` names transformer models
+    ``down_blocks.2.attentions.{0,1}`` and ``up_blocks.0.attentions.{0,1,2}``; ``"mid"`` is the middle one.
+    """
+    unknown = set(scale) - {"down", "mid", "up"}
+    if unknown:
+        raise LookalikeError(f"per-block scale keys must be 'down', 'mid' or 'up', not {sorted(unknown)}")
+    out: dict[str, Any] = {}
+    mid = scale.get("mid", default)
+    if isinstance(mid, (list, tuple)):
+        if len(mid) != 1:
+            raise LookalikeError(f"the 'mid' scale takes one value, got {len(mid)}")
+        mid = mid[0]
+    if getattr(unet, "mid_block", None) is not None and hasattr(unet.mid_block, "attentions"):
+        out["mid_block.attentions.0"] = mid
+    for side, blocks in (("down", unet.down_blocks), ("up", unet.up_blocks)):
+        with_attn = {i: len(b.attentions) for i, b in enumerate(blocks) if hasattr(b, "attentions")}
+        value = scale.get(side, default)
+        per_block = value if isinstance(value, dict) else {f"block_{i}": value for i in with_attn}
+        for key in per_block:
+            if key.removeprefix("block_") not in {str(i) for i in with_attn}:
+                raise LookalikeError(f"per-block scale names {side}.{key}, but that block has no attention; "
+                                     f"blocks with attention: {sorted(with_attn)}")
+        for i, count in with_attn.items():
+            v = per_block.get(f"block_{i}", default)
+            values = list(v) if isinstance(v, (list, tuple)) else [v] * count
+            if len(values) == 1:
+                values = values * count
+            if len(values) != count:
+                raise LookalikeError(f"{side}.block_{i} has {count} transformer models; give {count} scales")
+            for j, val in enumerate(values):
+                out[f"{side}_blocks.{i}.attentions.{j}"] = val
+    return out
+
+
+def layer_scales(unet: nn.Module, layers: Sequence[AttnLayer], scale: Scale) -> dict[int, Any]:
+    """The scale each cross-attention layer uses: float, or list of floats (one per masked image)."""
+    if isinstance(scale, dict):
+        prefixes = expand_block_scale(unet, scale)
+        result = {}
+        for layer in layers:
+            match = [v for p, v in prefixes.items() if layer.name.startswith(p + ".")]
+            result[layer.index] = match[0] if match else 0.0
+        return result
+    value = [float(s) for s in scale] if isinstance(scale, (list, tuple)) else float(scale)
+    return {layer.index: value for layer in layers}
+
+
+def downsample_mask(mask: torch.Tensor, num_queries: int) -> torch.Tensor:
+    """A ``(1, H, W)`` mask -> ``(1, num_queries, 1)`` at the layer's resolution (diffusers' bicubic rule)."""
+    ratio = mask.shape[2] / mask.shape[1]
+    mask_h = int(math.sqrt(num_queries / ratio))
+    mask_h = int(mask_h) + int((num_queries % int(mask_h)) != 0)
+    mask_w = num_queries // mask_h
+    small = F.interpolate(mask.unsqueeze(0), size=(mask_h, mask_w), mode="bicubic").squeeze(0)
+    small = small.reshape(small.shape[0], -1)  # (1, h*w)
+    if small.shape[1] != num_queries:
+        warnings.warn("the mask's aspect ratio differs from the image's; pass masks of the output's shape",
+                      UserWarning, stacklevel=3)
+        small = F.pad(small, (0, max(0, num_queries - small.shape[1])))[:, :num_queries]
+    return small.unsqueeze(-1)  # (1, Q, 1)
+
+
+@dataclass
+class AdapterInput:
+    """One adapter's conditioning for one generation.
+
+    ``tokens``/``negative``: projected image tokens ``(B, I, T, C)`` for the conditional and unconditional
+    halves. ``window``: the fraction of the schedule ``[start, end)`` where the adapter acts.
+    ``masks``: ``(1 or B, I, H, W)`` regions in [0, 1], one per image, as ``IPAdapterMaskProcessor`` gives.
+    """
+
+    tokens: torch.Tensor
+    negative: torch.Tensor | None = None
+    scale: Scale = 1.0
+    window: tuple[float, float] = (0.0, 1.0)
+    masks: torch.Tensor | None = None
+
+
+@dataclass
+class _Term:
+    """An adapter's active conditioning with its per-layer caches (keys/values, masks)."""
+
+    adapter: IPAdapter
+    input: AdapterInput
+    scales: dict[int, Any]
+    cache: dict[tuple, Any] = field(default_factory=dict)
+
+    def batch_tokens(self, batch: int) -> torch.Tensor:
+        """Tokens laid out as the UNet batch: ``[negative; positive]`` under guidance, else positive."""
+        pos, neg = self.input.tokens, self.input.negative
+        if pos.shape[0] == batch:
+            return pos
+        if neg is not None and 2 * pos.shape[0] == batch:
+            return torch.cat([neg, pos])
+        raise LookalikeError(f"adapter {self.adapter.name!r} was given image features for {pos.shape[0]} samples "
+                             f"but the UNet runs a batch of {batch}; give one set of features per sample")
+
+    def pieces(self, layer: AttnLayer, heads: int, head_dim: int, batch: int, num_queries: int,
+               dtype: torch.dtype, device: torch.device) -> Iterator[tuple]:
+        """(k_ip, v_ip, scale, region or None) to add at this layer; keys/values cached per generation."""
+        key = (layer.index, batch)
+        if key not in self.cache:
+            tokens = self.batch_tokens(batch).to(device)  # (B, I, T, C)
+            ip_layer = self.adapter.layer(layer.index)
+            if self.input.masks is None:
+                self.cache[key] = [ip_kv(ip_layer, tokens.flatten(1, 2), heads, head_dim)]
+            else:
+                self.cache[key] = [ip_kv(ip_layer, tokens[:, i], heads, head_dim) for i in range(tokens.shape[1])]
+        kvs = self.cache[key]
+        scale = self.scales[layer.index]
+        if self.input.masks is None:
+            k, v = kvs[0]
+            yield k, v, scale, None
+            return
+        scales = scale if isinstance(scale, list) else [scale] * len(kvs)
+        for i, (k, v) in enumerate(kvs):
+            yield k, v, scales[i], self.region(i, num_queries, batch, dtype, device)
+
+    def region(self, image: int, num_queries: int, batch: int, dtype: torch.dtype,
+               device: torch.device) -> torch.Tensor:
+        key = ("mask", image, num_queries, batch)
+        if key not in self.cache:
+            masks = self.input.masks
+            small = torch.cat([downsample_mask(m[image:image + 1], num_queries) for m in masks])  # (M, Q, 1)
+            if small.shape[0] < batch:
+                small = small.repeat(batch // small.shape[0], 1, 1)
+            self.cache[key] = small.to(device=device, dtype=dtype)
+        return self.cache[key]
+
+    def is_silent(self, index: int) -> bool:
+        s = self.scales.get(index, 0.0)
+        return all(v == 0 for v in s) if isinstance(s, list) else s == 0
+
+
+class AdapterHandle:
+    """Adapters attached to one UNet. ``detach()`` restores the original processors exactly."""
+
+    def __init__(self, unet: nn.Module, backend: str = "sdpa") -> None:
+        if backend not in BACKENDS:
+            raise LookalikeError(f"unknown attention backend {backend!r}; use one of {', '.join(BACKENDS)}")
+        self.unet = unet
+        self.backend = backend
+        self.adapters: list[IPAdapter] = []
+        self.layers = attention_layers(unet)
+        self.original = dict(unet.attn_processors)
+        self.scheduler: Any = None
+        self._terms: list[_Term | None] = []
+        self._progress: float = 0.0
+        self._needs_progress = False
+        self._lora_cache: dict[int, list] | None = None
+        procs = {l.name: DecoupledAttnProcessor(self, l, self.original[l.name], backend) for l in self.layers}
+        unet.set_attn_processor(procs)
+        self._hook = unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True)
+        self.attached = True
+
+    # -- adapters ---------------------------------------------------------------------------------
+    def add(self, adapter: IPAdapter) -> None:
+        """Stack another adapter; its layers must match this UNet's."""
+        wanted = {str(l.index) for l in self.layers if l.is_cross}
+        have = {k for k, layer in adapter.ip_adapter.items() if layer.has_ip}
+        if have != wanted:
+            raise LookalikeError(f"adapter {adapter.name!r} has image layers {len(have)} but this UNet has "
+                                 f"{len(wanted)} cross-attention layers; it was built for another model")
+        self.adapters.append(adapter)
+        self._lora_cache = None
+
+    def remove(self, name: str) -> None:
+        self.adapters = [a for a in self.adapters if a.name != name]
+        self._lora_cache = None
+
+    def detach(self) -> None:
+        """Put back the UNet's original processors and remove the timestep hook."""
+        if self.attached:
+            self.unet.set_attn_processor(dict(self.original))
+            self._hook.remove()
+            self.attached = False
+
+    # -- per generation ---------------------------------------------------------------------------
+    @contextmanager
+    def conditioned(self, inputs: Sequence[AdapterInput | None]) -> Iterator[None]:
+        """Condition every UNet call inside the block; ``inputs[i]`` goes to ``adapters[i]`` (None: off)."""
+        if len(inputs) != len(self.adapters):
+            raise LookalikeError(f"{len(self.adapters)} adapters are loaded but {len(inputs)} inputs were given; "
+                                 f"give one entry per adapter (None to leave one out)")
+        cross = [l for l in self.layers if l.is_cross]
+        terms = [None if inp is None else _Term(a, inp, layer_scales(self.unet, cross, inp.scale))
+                 for a, inp in zip(self.adapters, inputs)]
+        for t in terms:
+            if t is not None and not 0.0 <= t.input.window[0] <= t.input.window[1] <= 1.0:
+                raise LookalikeError(f"timestep window {t.input.window} must satisfy 0 <= start <= end <= 1")
+        previous = self._terms
+        self._terms = terms
+        self._needs_progress = any(t is not None and tuple(t.input.window) != (0.0, 1.0) for t in terms)
+        self._progress = 0.0
+        try:
+            yield
+        finally:
+            self._terms = previous
+            self._needs_progress = False
+
+    def active_at(self, layer: AttnLayer) -> list[_Term]:
+        """The terms that add image attention at this layer and this step."""
+        if not layer.is_cross or not self._terms:
+            return []
+        p = self._progress
+        return [t for t in self._terms
+                if t is not None and not t.is_silent(layer.index) and t.input.window[0] <= p < t.input.window[1]]
+
+    def loras_at(self, index: int) -> list:
+        """(scale, IPLayer) pairs of adapters whose LoRA acts on attention layer ``index``."""
+        if self._lora_cache is None:
+            self._lora_cache = {}
+            for a in self.adapters:
+                for key, layer in a.ip_adapter.items():
+                    if layer.has_lora:
+                        self._lora_cache.setdefault(int(key), []).append((a, layer))
+        return [(a.lora_scale, layer) for a, layer in self._lora_cache.get(index, []) if a.lora_scale != 0]
+
+    def _on_unet_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not self._needs_progress:
+            return
+        t = args[1] if len(args) > 1 else kwargs.get("timestep")
+        self._progress = self.progress(t)
+
+    def progress(self, timestep: Any) -> float:
+        """Fraction of the schedule done at ``timestep``: step index / steps when a scheduler is known."""
+        t = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
+        steps = getattr(self.scheduler, "timesteps", None)
+        if steps is not None and len(steps) > 0:
+            index = int(torch.argmin((steps.float().cpu() - t).abs()))
+            return index / len(steps)
+        total = getattr(getattr(self.scheduler, "config", None), "num_train_timesteps", 1000)
+        return min(max(1.0 - t / total, 0.0), 1.0)
+
+
+def attach_adapters(unet: nn.Module, adapters: Sequence[IPAdapter] = (), backend: str = "sdpa") -> AdapterHandle:
+    """Put the decoupled-attention processor on every attention layer of ``unet``; returns the undo handle."""
+    handle = AdapterHandle(unet, backend)
+    for adapter in adapters:
+        handle.add(adapter)
+    return handle

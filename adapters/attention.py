@@ -1,0 +1,118 @@
+"""The one decoupled cross-attention processor (IP-Adapter, Ye et al. 2023, eq. 5) and its attention function.
+
+``out = Attn(Q, K_text, V_text) + sum_a scale_a * mask_a * Attn(Q, K_ip_a, V_ip_a)``.
+The backend (SDPA or xformers) is an argument of :func:`attention`, never a copy of the processor.
+Image keys and values come precomputed from the conditioning (once per generation, not per step).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from .attach import AdapterHandle
+    from .module import AttnLayer, IPLayer
+
+BACKENDS = ("sdpa", "xformers")
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+              backend: str = "sdpa") -> torch.Tensor:
+    """Multi-head attention on ``(B, heads, L, d)`` tensors; returns ``(B, L, heads * d)``."""
+    b, h, n, d = q.shape
+    if backend == "xformers" and mask is None and q.is_cuda:
+        import xformers.ops as xops
+
+        out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return out.reshape(b, n, h * d).to(q.dtype)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
+    return out.transpose(1, 2).reshape(b, n, h * d).to(q.dtype)  # (B, L, heads*d)
+
+
+def _with_lora(base: torch.Tensor, x: torch.Tensor, loras: list[tuple[float, torch.nn.Module]]) -> torch.Tensor:
+    for scale, lora in loras:
+        base = base + scale * lora(x).to(base.dtype)
+    return base
+
+
+class DecoupledAttnProcessor:
+    """Attention processor for one layer; reads the adapters and this generation's state from its handle.
+
+    With nothing to add at this layer and step it calls the layer's original processor, so scale 0,
+    a closed timestep window or no conditioning give exactly the base model's output.
+    """
+
+    def __init__(self, handle: AdapterHandle, layer: AttnLayer, original: object, backend: str = "sdpa") -> None:
+        self.handle = handle
+        self.layer = layer
+        self.original = original
+        self.backend = backend
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None) -> torch.Tensor:
+        loras = self.handle.loras_at(self.layer.index)
+        active = self.handle.active_at(self.layer)
+        if not loras and not active:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        batch_size, sequence_length, _ = context.shape
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        lq, lk, lv, lo = ([(s, getattr(layer, n)) for s, layer in loras]
+                          for n in ("to_q_lora", "to_k_lora", "to_v_lora", "to_out_lora"))
+        query = _with_lora(attn.to_q(hidden_states), hidden_states, lq)  # (B, N, inner)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = _with_lora(attn.to_k(encoder_hidden_states), encoder_hidden_states, lk)
+        value = _with_lora(attn.to_v(encoder_hidden_states), encoder_hidden_states, lv)
+
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # (B, heads, N, d)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        backend = self.backend if attention_mask is None else "sdpa"
+        hidden_states = attention(query, key, value, attention_mask, backend)  # (B, N, inner)
+
+        for term in active:
+            for k_ip, v_ip, scale, region in term.pieces(self.layer, attn.heads, head_dim, batch_size,
+                                                         query.shape[2], query.dtype, query.device):
+                ip_out = attention(query, k_ip, v_ip, None, self.backend)
+                hidden_states = hidden_states + scale * (ip_out if region is None else ip_out * region)
+
+        out = _with_lora(attn.to_out[0](hidden_states), hidden_states, lo)
+        hidden_states = attn.to_out[1](out)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+def ip_kv(layer: IPLayer, tokens: torch.Tensor, heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image tokens ``(B, L, C)`` -> this layer's image keys and values ``(B, heads, L, d)``."""
+    b = tokens.shape[0]
+    tokens = tokens.to(layer.to_k_ip.weight.dtype)
+    k = layer.to_k_ip(tokens).view(b, -1, heads, head_dim).transpose(1, 2)
+    v = layer.to_v_ip(tokens).view(b, -1, heads, head_dim).transpose(1, 2)
+    return k, v

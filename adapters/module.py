@@ -1,0 +1,132 @@
+"""One loaded adapter: its projector and its per-layer decoupled key/value projections.
+
+``IPAdapter.state_dict()`` is exactly the official flat layout (``image_proj.*``, ``ip_adapter.{i}.*``),
+so reading and writing official checkpoints needs no key renaming.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointMismatchError
+from .projectors import Features, build_projector
+from .spec import AdapterSpec
+
+
+@dataclass(frozen=True)
+class AttnLayer:
+    """An attention layer of a UNet: official index (position in ``unet.attn_processors``) and sizes."""
+
+    index: int
+    name: str  # processor name, e.g. "down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor"
+    hidden: int  # width of the layer's keys/values (attn.to_k.out_features)
+    context_dim: int  # width of what keys are computed from (attn.to_k.in_features)
+    is_cross: bool
+
+
+def attention_layers(unet: nn.Module) -> list[AttnLayer]:
+    """Every attention layer of a diffusers UNet, with sizes read from the modules themselves."""
+    layers = []
+    for index, name in enumerate(unet.attn_processors):
+        attn = unet.get_submodule(name.removesuffix(".processor"))
+        is_cross = bool(getattr(attn, "is_cross_attention", False)) and "motion_modules" not in name
+        layers.append(AttnLayer(index, name, attn.to_k.out_features, attn.to_k.in_features, is_cross))
+    return layers
+
+
+class LoRALinear(nn.Module):
+    """Low-rank residual ``up(down(x))`` (Hu et al. 2021), as FaceID checkpoints store it."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int) -> None:
+        super().__init__()
+        self.down = nn.Linear(in_features, rank, bias=False)
+        self.up = nn.Linear(rank, out_features, bias=False)
+        nn.init.normal_(self.down.weight, std=1.0 / rank)
+        nn.init.zeros_(self.up.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x.to(self.down.weight.dtype)))
+
+
+class IPLayer(nn.Module):
+    """What one adapter adds to one attention layer: ``to_k_ip``/``to_v_ip`` and/or a LoRA."""
+
+    def __init__(self, layer: AttnLayer, cross_attention_dim: int, ip: bool, lora_rank: int) -> None:
+        super().__init__()
+        if ip:
+            self.to_k_ip = nn.Linear(cross_attention_dim, layer.hidden, bias=False)
+            self.to_v_ip = nn.Linear(cross_attention_dim, layer.hidden, bias=False)
+        if lora_rank:
+            h, c = layer.hidden, layer.context_dim
+            self.to_q_lora = LoRALinear(h, h, lora_rank)
+            self.to_k_lora = LoRALinear(c, h, lora_rank)
+            self.to_v_lora = LoRALinear(c, h, lora_rank)
+            self.to_out_lora = LoRALinear(h, h, lora_rank)
+
+    @property
+    def has_ip(self) -> bool:
+        return hasattr(self, "to_k_ip")
+
+    @property
+    def has_lora(self) -> bool:
+        return hasattr(self, "to_q_lora")
+
+
+class IPAdapter(nn.Module):
+    """An adapter for one UNet: ``image_proj`` (features -> tokens) and ``ip_adapter[str(i)]`` per layer."""
+
+    def __init__(self, spec: AdapterSpec, layers: list[AttnLayer], *, lora: bool | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.spec = spec
+        self.name = spec.name
+        self.lora_scale = 1.0
+        use_lora = bool(spec.lora_rank) if lora is None else lora
+        self.image_proj = build_projector(spec)
+        cross = [layer for layer in layers if layer.is_cross]
+        for layer in cross:
+            if layer.context_dim != spec.cross_attention_dim:
+                raise CheckpointMismatchError(
+                    f"{spec.name} makes {spec.cross_attention_dim}-d image tokens but the UNet's cross-attention "
+                    f"takes {layer.context_dim}-d context (layer {layer.name}); pick an adapter for this base model"
+                )
+        self.ip_adapter = nn.ModuleDict()
+        for layer in layers:
+            if layer.is_cross or use_lora:
+                rank = spec.lora_rank if use_lora else 0
+                self.ip_adapter[str(layer.index)] = IPLayer(layer, spec.cross_attention_dim, layer.is_cross, rank)
+        self.to(device=device, dtype=dtype)
+
+    @classmethod
+    def for_unet(cls, spec: AdapterSpec, unet: nn.Module, **kwargs) -> IPAdapter:
+        """Build (random weights) an adapter whose layers match ``unet``."""
+        return cls(spec, attention_layers(unet), **kwargs)
+
+    @property
+    def has_lora(self) -> bool:
+        return any(layer.has_lora for layer in self.ip_adapter.values())
+
+    def layer(self, index: int) -> IPLayer | None:
+        """This adapter's weights for attention layer ``index``, if any."""
+        return self.ip_adapter[str(index)] if str(index) in self.ip_adapter else None
+
+    def init_from_unet(self, unet: nn.Module) -> None:
+        """Start ``to_k_ip``/``to_v_ip`` as copies of the text ``to_k``/``to_v`` (the official recipe)."""
+        names = list(unet.attn_processors)
+        with torch.no_grad():
+            for key, layer in self.ip_adapter.items():
+                if layer.has_ip:
+                    attn = unet.get_submodule(names[int(key)].removesuffix(".processor"))
+                    layer.to_k_ip.weight.copy_(attn.to_k.weight)
+                    layer.to_v_ip.weight.copy_(attn.to_v.weight)
+
+    def project(self, features: Features) -> torch.Tensor:
+        """Features with a leading (batch, images) pair -> tokens ``(B, I, T, C)``."""
+        first = features[self.spec.features[0]]
+        b, i = first.shape[:2]
+        flat = {k: v.reshape((b * i,) + tuple(v.shape[2:])) for k, v in features.items()}
+        tokens = self.image_proj(flat)  # (B*I, T, C)
+        return tokens.reshape((b, i) + tuple(tokens.shape[1:]))

@@ -1,0 +1,225 @@
+"""Adapter variants as data: one ``AdapterSpec`` per official (and own) checkpoint kind.
+
+A new variant is a new registry entry; code is only added for a genuinely new projector or feature.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Literal
+
+from ..errors import LookalikeError
+
+Base = Literal["sd15", "sdxl"]
+#: Feature kinds an encoder produces: CLIP pooled embedding, CLIP penultimate patch tokens, ArcFace id.
+FEATURE_KINDS = ("pooled", "patch", "face_id")
+#: The official unconditional input of each feature: zeros, or the encoder run on an all-zero pixel tensor.
+NEGATIVE_RULE = {"pooled": "zeros", "face_id": "zeros", "patch": "encode_zeros"}
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """Where an image encoder lives and what it gives: widths of its pooled and patch features."""
+
+    name: str
+    kind: Literal["clip", "face"]
+    repo_id: str | None
+    subfolder: str | None
+    pooled_dim: int = 0
+    patch_dim: int = 0
+    num_patch_tokens: int = 0
+
+
+ENCODERS: dict[str, EncoderSpec] = {
+    "clip-vit-h-14": EncoderSpec(
+        "clip-vit-h-14", "clip", "h94/IP-Adapter", "models/image_encoder", 1024, 1280, 257
+    ),
+    "clip-vit-bigg-14": EncoderSpec(
+        "clip-vit-bigg-14", "clip", "h94/IP-Adapter", "sdxl_models/image_encoder", 1280, 1664, 257
+    ),
+    "insightface-buffalo_l": EncoderSpec("insightface-buffalo_l", "face", None, None, 512, 0, 0),
+}
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """Everything needed to build, load, check and run one adapter variant.
+
+    ``features`` are the encoder outputs the projector eats, in order (``("face_id", "patch")`` for
+    FaceID-Plus). ``embed_dim`` is the width of the first feature and ``clip_dim`` the width of CLIP
+    patch tokens where a second feature is used. The unconditional input follows from the features
+    (:data:`NEGATIVE_RULE`).
+    """
+
+    name: str
+    base: Base
+    projector: str
+    features: tuple[str, ...]
+    encoder: str
+    num_tokens: int
+    embed_dim: int
+    cross_attention_dim: int
+    projector_kwargs: dict[str, Any] = field(default_factory=dict)
+    repo_id: str | None = None
+    subfolder: str | None = None
+    filename: str | None = None
+    lora_rank: int = 0
+    shortcut: bool = False
+    face_normed: bool = True
+    short_name: str | None = None
+    description: str = ""
+
+    @property
+    def feature(self) -> str:
+        """The spec's features as one string, e.g. ``"face_id+patch"``."""
+        return "+".join(self.features)
+
+    def to_json(self) -> str:
+        """Serialise for safetensors metadata."""
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> AdapterSpec:
+        """Inverse of :meth:`to_json`; unknown fields from newer versions are ignored."""
+        data = json.loads(text)
+        known = {f for f in cls.__dataclass_fields__}
+        data = {k: v for k, v in data.items() if k in known}
+        data["features"] = tuple(data["features"])
+        return cls(**data)
+
+    def with_(self, **changes: Any) -> AdapterSpec:
+        """A copy with some fields changed."""
+        return replace(self, **changes)
+
+
+REGISTRY: dict[str, AdapterSpec] = {}
+
+
+def register(spec: AdapterSpec) -> AdapterSpec:
+    """Add a variant to the registry (names are unique)."""
+    if spec.name in REGISTRY:
+        raise LookalikeError(f"an adapter named {spec.name!r} is already registered; pick another name")
+    REGISTRY[spec.name] = spec
+    return spec
+
+
+_CROSS = {"sd15": 768, "sdxl": 2048}
+
+
+def _resampler(base: Base, dim: int, heads: int) -> dict[str, Any]:
+    return {"dim": dim, "depth": 4, "dim_head": 64, "heads": heads, "ff_mult": 4}
+
+
+def _clip_variant(
+    name: str, short: str, base: Base, projector: str, feature: str, encoder: str, tokens: int,
+    subfolder: str, filename: str, kwargs: dict[str, Any] | None = None, description: str = "",
+) -> AdapterSpec:
+    enc = ENCODERS[encoder]
+    embed = enc.pooled_dim if feature == "pooled" else enc.patch_dim
+    return AdapterSpec(
+        name=name, base=base, projector=projector, features=(feature,), encoder=encoder,
+        num_tokens=tokens, embed_dim=embed, cross_attention_dim=_CROSS[base],
+        projector_kwargs=kwargs or {},
+        repo_id="h94/IP-Adapter", subfolder=subfolder, filename=filename, short_name=short,
+        description=description,
+    )
+
+
+def _faceid_variant(
+    name: str, short: str, base: Base, projector: str, tokens: int, filename: str,
+    lora_rank: int = 0, shortcut: bool = False, face_normed: bool = True, description: str = "",
+) -> AdapterSpec:
+    plus = projector == "faceid_plus"
+    kwargs: dict[str, Any] = {"mult": 2}
+    if plus:
+        cross = _CROSS[base]
+        clip_dim = ENCODERS["clip-vit-h-14"].patch_dim
+        kwargs.update({"depth": 4, "dim_head": 64, "heads": cross // 64, "ff_mult": 4, "clip_dim": clip_dim})
+    return AdapterSpec(
+        name=name, base=base, projector=projector,
+        features=("face_id", "patch") if plus else ("face_id",),
+        encoder="insightface-buffalo_l+clip-vit-h-14" if plus else "insightface-buffalo_l",
+        num_tokens=tokens, embed_dim=512, cross_attention_dim=_CROSS[base], projector_kwargs=kwargs,
+        repo_id="h94/IP-Adapter-FaceID", subfolder=None, filename=filename,
+        lora_rank=lora_rank, shortcut=shortcut, face_normed=face_normed, short_name=short,
+        description=description,
+    )
+
+
+def _register_official() -> None:
+    plus15 = _resampler("sd15", 768, 12)
+    plusxl = _resampler("sdxl", 1280, 20)
+    for spec in (
+        _clip_variant("ip-adapter_sd15", "basic", "sd15", "linear", "pooled", "clip-vit-h-14", 4,
+                      "models", "ip-adapter_sd15.safetensors", description="pooled CLIP ViT-H -> 4 tokens"),
+        _clip_variant("ip-adapter_sd15_light_v11", "light", "sd15", "linear", "pooled", "clip-vit-h-14", 4,
+                      "models", "ip-adapter_sd15_light_v11.bin", description="lighter image weight, more text"),
+        _clip_variant("ip-adapter-plus_sd15", "plus", "sd15", "resampler", "patch", "clip-vit-h-14", 16,
+                      "models", "ip-adapter-plus_sd15.safetensors", plus15, "Resampler over ViT-H patches"),
+        _clip_variant("ip-adapter-plus-face_sd15", "plus-face", "sd15", "resampler", "patch", "clip-vit-h-14",
+                      16, "models", "ip-adapter-plus-face_sd15.safetensors", plus15, "plus, trained on faces"),
+        _clip_variant("ip-adapter-full-face_sd15", "full-face", "sd15", "mlp", "patch", "clip-vit-h-14", 257,
+                      "models", "ip-adapter-full-face_sd15.safetensors", description="MLP over all 257 tokens"),
+        _clip_variant("ip-adapter_sd15_vit-G", "vit-G", "sd15", "linear", "pooled", "clip-vit-bigg-14", 4,
+                      "models", "ip-adapter_sd15_vit-G.safetensors", description="basic with the bigG encoder"),
+        _clip_variant("ip-adapter_sdxl", "basic", "sdxl", "linear", "pooled", "clip-vit-bigg-14", 4,
+                      "sdxl_models", "ip-adapter_sdxl.safetensors", description="pooled CLIP bigG -> 4 tokens"),
+        _clip_variant("ip-adapter_sdxl_vit-h", "vit-h", "sdxl", "linear", "pooled", "clip-vit-h-14", 4,
+                      "sdxl_models", "ip-adapter_sdxl_vit-h.safetensors", description="basic with ViT-H"),
+        _clip_variant("ip-adapter-plus_sdxl_vit-h", "plus", "sdxl", "resampler", "patch", "clip-vit-h-14", 16,
+                      "sdxl_models", "ip-adapter-plus_sdxl_vit-h.safetensors", plusxl, "Resampler, ViT-H"),
+        _clip_variant("ip-adapter-plus-face_sdxl_vit-h", "plus-face", "sdxl", "resampler", "patch",
+                      "clip-vit-h-14", 16, "sdxl_models", "ip-adapter-plus-face_sdxl_vit-h.safetensors", plusxl,
+                      "plus, trained on faces"),
+        _faceid_variant("ip-adapter-faceid_sd15", "faceid", "sd15", "faceid", 4, "ip-adapter-faceid_sd15.bin",
+                        lora_rank=128, description="ArcFace id -> 4 tokens, with LoRA"),
+        _faceid_variant("ip-adapter-faceid-plus_sd15", "faceid-plus", "sd15", "faceid_plus", 4,
+                        "ip-adapter-faceid-plus_sd15.bin", lora_rank=128,
+                        description="ArcFace id + CLIP on the aligned face"),
+        _faceid_variant("ip-adapter-faceid-plusv2_sd15", "faceid-plusv2", "sd15", "faceid_plus", 4,
+                        "ip-adapter-faceid-plusv2_sd15.bin", lora_rank=128, shortcut=True,
+                        description="FaceID-Plus with the id shortcut (s_scale)"),
+        _faceid_variant("ip-adapter-faceid-portrait_sd15", "faceid-portrait", "sd15", "faceid", 16,
+                        "ip-adapter-faceid-portrait_sd15.bin", description="16 tokens per face, several faces"),
+        _faceid_variant("ip-adapter-faceid-portrait-v11_sd15", "faceid-portrait-v11", "sd15", "faceid", 16,
+                        "ip-adapter-faceid-portrait-v11_sd15.bin", description="portrait, v1.1"),
+        _faceid_variant("ip-adapter-faceid_sdxl", "faceid", "sdxl", "faceid", 4, "ip-adapter-faceid_sdxl.bin",
+                        lora_rank=128, description="ArcFace id -> 4 tokens, with LoRA"),
+        _faceid_variant("ip-adapter-faceid-plusv2_sdxl", "faceid-plusv2", "sdxl", "faceid_plus", 4,
+                        "ip-adapter-faceid-plusv2_sdxl.bin", lora_rank=128, shortcut=True,
+                        description="FaceID-Plus v2 for SDXL"),
+        _faceid_variant("ip-adapter-faceid-portrait_sdxl", "faceid-portrait", "sdxl", "faceid", 16,
+                        "ip-adapter-faceid-portrait_sdxl.bin", description="16 tokens per face"),
+        _faceid_variant("ip-adapter-faceid-portrait_sdxl_unnorm", "faceid-portrait-unnorm", "sdxl", "faceid", 16,
+                        "ip-adapter-faceid-portrait_sdxl_unnorm.bin", face_normed=False,
+                        description="portrait on the unnormalised ArcFace embedding"),
+    ):
+        register(spec)
+
+
+_register_official()
+
+
+def get_spec(name: str, base: Base | None = None) -> AdapterSpec:
+    """Look a variant up by full name (``ip-adapter-plus_sd15``) or short name and base (``plus``, sd15)."""
+    if name in REGISTRY:
+        return REGISTRY[name]
+    matches = [s for s in REGISTRY.values() if s.short_name == name and (base is None or s.base == base)]
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        bases = ", ".join(sorted(s.base for s in matches))
+        raise LookalikeError(f"adapter {name!r} exists for several base models ({bases}); name the base model")
+    known = ", ".join(sorted(REGISTRY))
+    raise LookalikeError(f"unknown adapter {name!r}; known adapters: {known}")
+
+
+def spec_names(base: Base | None = None) -> list[str]:
+    """Registry names, optionally for one base family; feeds argparse ``choices``."""
+    return sorted(n for n, s in REGISTRY.items() if base is None or s.base == base)
+
+
+def encoder_of(spec: AdapterSpec) -> list[EncoderSpec]:
+    """The encoder(s) a spec needs, in feature order."""
+    return [ENCODERS[n] for n in spec.encoder.split("+")]

@@ -1,0 +1,75 @@
+"""Shared test helpers: tiny specs, random official-layout adapters and features, built in code."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+
+import torch
+
+from lookalike.adapters.module import IPAdapter
+from lookalike.adapters.spec import REGISTRY, AdapterSpec
+from lookalike.pipeline.tiny import tiny_pipeline
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def tiny_spec(spec: AdapterSpec, cross: int, lora: bool = False) -> AdapterSpec:
+    """A registry spec shrunk to a tiny UNet's width, keeping the shapes rules diffusers infers from."""
+    kw = dict(spec.projector_kwargs)
+    embed = {"linear": 24, "resampler": 40, "mlp": 40, "faceid": 16, "faceid_plus": 16}[spec.projector]
+    if spec.projector == "resampler":
+        kw.update(dim=32, heads=2)
+    if spec.projector == "faceid_plus":
+        kw.update(heads=1, clip_dim=40)
+    return spec.with_(cross_attention_dim=cross, embed_dim=embed, projector_kwargs=kw,
+                      lora_rank=4 if (lora and spec.lora_rank) else 0)
+
+
+def randomize(module: torch.nn.Module, seed: int = 0, std: float = 0.3) -> torch.nn.Module:
+    """Fill every parameter with seeded noise so that a swapped or missed weight shows in the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return module
+
+
+def features_for(spec: AdapterSpec, batch: int = 1, images: int = 1, seed: int = 0,
+                 patch_tokens: int = 17) -> dict[str, torch.Tensor]:
+    """Random encoder features of the right shapes: (B, I, E), (B, I, L, H), (B, I, 512-like)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for kind in spec.features:
+        if kind == "patch":
+            width = spec.projector_kwargs.get("clip_dim", spec.embed_dim)
+            out[kind] = torch.randn(batch, images, patch_tokens, width, generator=g)
+        else:
+            out[kind] = torch.randn(batch, images, spec.embed_dim, generator=g)
+    return out
+
+
+_PIPES: dict = {}
+
+
+def fresh_pipe(base: str):
+    """A tiny pipeline of ``base`` with fixed random weights (a copy, so tests may change it)."""
+    if base not in _PIPES:
+        _PIPES[base] = tiny_pipeline(base, seed=0)
+    return copy.deepcopy(_PIPES[base])
+
+
+def cross_dim(pipe) -> int:
+    return pipe.unet.config.cross_attention_dim
+
+
+def random_adapter(spec: AdapterSpec, pipe, seed: int = 0, lora: bool = False) -> IPAdapter:
+    """A random tiny adapter for ``pipe``'s UNet."""
+    small = tiny_spec(spec, cross_dim(pipe), lora=lora)
+    return randomize(IPAdapter.for_unet(small, pipe.unet), seed)
+
+
+VARIANTS = sorted(REGISTRY)
