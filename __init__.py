@@ -23,7 +23,19 @@ _EXPORTS = {
     "LookalikeError": "lookalike.errors",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+__all__ = [
+    "REGISTRY",
+    "AdapterSpec",
+    "IPAdapter",
+    "LookalikeError",
+    "Personalizer",
+    "__version__",
+    "attach_adapters",
+    "get_spec",
+    "load_adapter",
+    "register",
+    "save_adapter",
+]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .adapters.attach import attach_adapters

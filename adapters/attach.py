@@ -179,7 +179,7 @@ class AdapterHandle:
         self._progress: float = 0.0
         self._needs_progress = False
         self._lora_cache: dict[int, list] | None = None
-        procs = {l.name: DecoupledAttnProcessor(self, l, self.original[l.name], backend) for l in self.layers}
+        procs = {x.name: DecoupledAttnProcessor(self, x, self.original[x.name], backend) for x in self.layers}
         unet.set_attn_processor(procs)
         self._hook = unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True)
         self.attached = True
@@ -187,7 +187,7 @@ class AdapterHandle:
     # -- adapters ---------------------------------------------------------------------------------
     def add(self, adapter: IPAdapter) -> None:
         """Stack another adapter; its layers must match this UNet's."""
-        wanted = {str(l.index) for l in self.layers if l.is_cross}
+        wanted = {str(x.index) for x in self.layers if x.is_cross}
         have = {k for k, layer in adapter.ip_adapter.items() if layer.has_ip}
         if have != wanted:
             raise LookalikeError(f"adapter {adapter.name!r} has image layers {len(have)} but this UNet has "
@@ -213,7 +213,7 @@ class AdapterHandle:
         if len(inputs) != len(self.adapters):
             raise LookalikeError(f"{len(self.adapters)} adapters are loaded but {len(inputs)} inputs were given; "
                                  f"give one entry per adapter (None to leave one out)")
-        cross = [l for l in self.layers if l.is_cross]
+        cross = [x for x in self.layers if x.is_cross]
         terms = [None if inp is None else _Term(a, inp, layer_scales(self.unet, cross, inp.scale))
                  for a, inp in zip(self.adapters, inputs)]
         for t in terms:

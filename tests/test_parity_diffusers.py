@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import VARIANTS, features_for, fresh_pipe, random_adapter
 
 from lookalike import Personalizer
 from lookalike.adapters.spec import REGISTRY
 from lookalike.weights.io import save_adapter
+
+from helpers import VARIANTS, features_for, fresh_pipe, random_adapter
 
 TOL = 1e-5
 def diffusers_embeds(feats: dict, negative: dict, spec) -> torch.Tensor:

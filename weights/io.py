@@ -61,8 +61,9 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[StateDict, dict[str, str]]
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise UnsafeCheckpointError(
-            f"refused to load {path}: it contains pickled objects other than tensors, which could run code; "
-            f"convert it to .safetensors with a trusted tool or get the file from its official source") from exc
+            f"refused to load {path}: it is not a plain tensor checkpoint (it is damaged, or holds pickled objects "
+            f"that could run code); re-download it from its official source or convert it to .safetensors "
+            f"with a trusted tool") from exc
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
         raise LookalikeError(f"cannot read {path}: the file is damaged or not a torch checkpoint; "
                              f"re-download it") from exc

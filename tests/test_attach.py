@@ -1,0 +1,135 @@
+"""Attaching, conditioning and detaching: exactness guarantees of the decoupled-attention processor."""
+
+from __future__ import annotations
+
+import torch
+
+from lookalike import Personalizer
+from lookalike.adapters.attach import AdapterInput, attach_adapters
+from lookalike.adapters.spec import REGISTRY
+
+from helpers import features_for, fresh_pipe, random_adapter
+
+KW = dict(prompt="a photo", num_inference_steps=3, guidance_scale=5.0, height=32, width=32, output_type="np")
+
+
+def gen(pipe_or_p, **extra):
+    kwargs = {**KW, **extra}
+    if isinstance(pipe_or_p, Personalizer):
+        return pipe_or_p.generate(generator=torch.Generator().manual_seed(0), **kwargs).images
+    kwargs.pop("image_embeds", None)
+    return pipe_or_p(generator=torch.Generator().manual_seed(0), **kwargs).images
+
+
+def personalizer(name="ip-adapter_sd15", base="sd15"):
+    pipe = fresh_pipe(base)
+    p = Personalizer(pipe)
+    adapter = random_adapter(REGISTRY[name], pipe)
+    p.load_adapter(adapter)
+    return p, adapter
+
+
+def test_scale_zero_gives_exactly_the_base_pipeline_output():
+    p, adapter = personalizer()
+    base = gen(fresh_pipe("sd15"))
+    out = gen(p, image_embeds=[features_for(adapter.spec)["pooled"]], scale=0.0)
+    assert torch.equal(torch.from_numpy(out), torch.from_numpy(base))
+
+
+def test_empty_timestep_window_gives_exactly_the_base_pipeline_output():
+    p, adapter = personalizer()
+    base = gen(fresh_pipe("sd15"))
+    out = gen(p, image_embeds=[features_for(adapter.spec)["pooled"]], window=(0.4, 0.4))
+    assert torch.equal(torch.from_numpy(out), torch.from_numpy(base))
+
+
+def test_detach_restores_the_original_processors_and_output_exactly():
+    pipe = fresh_pipe("sd15")
+    before = dict(pipe.unet.attn_processors)
+    p = Personalizer(pipe)
+    adapter = random_adapter(REGISTRY["ip-adapter_sd15"], pipe)
+    p.load_adapter(adapter)
+    gen(p, image_embeds=[features_for(adapter.spec)["pooled"]])
+    p.detach()
+    after = pipe.unet.attn_processors
+    assert all(after[k] is before[k] for k in before)
+    assert torch.equal(torch.from_numpy(gen(pipe)), torch.from_numpy(gen(fresh_pipe("sd15"))))
+
+
+def test_unloading_adapters_gives_the_base_output():
+    p, adapter = personalizer()
+    p.unload_adapters()
+    assert p.adapters == []
+    assert torch.equal(torch.from_numpy(gen(p.pipe)), torch.from_numpy(gen(fresh_pipe("sd15"))))
+
+
+def test_a_batch_with_different_subjects_equals_each_sample_alone():
+    p, adapter = personalizer("ip-adapter-plus_sd15")
+    f1, f2 = (features_for(adapter.spec, seed=s)["patch"] for s in (1, 2))
+    n1, n2 = (features_for(adapter.spec, seed=s)["patch"] for s in (3, 4))
+    gen_kw = dict(num_inference_steps=2, guidance_scale=5.0, height=32, width=32, output_type="np")
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(5))
+    both = p.generate(prompt=["a photo", "a drawing"], image_embeds=[torch.cat([f1, f2])],
+                      negative_image_embeds=[torch.cat([n1, n2])], latents=latents, **gen_kw).images
+    one = p.generate(prompt="a photo", image_embeds=[f1], negative_image_embeds=[n1], latents=latents[:1],
+                     **gen_kw).images
+    two = p.generate(prompt="a drawing", image_embeds=[f2], negative_image_embeds=[n2], latents=latents[1:],
+                     **gen_kw).images
+    assert abs(both[0] - one[0]).max() <= 1e-5
+    assert abs(both[1] - two[0]).max() <= 1e-5
+    assert abs(one[0] - two[0]).max() > 1e-3
+
+
+def test_timestep_window_equals_switching_the_scale_off_midway_in_diffusers(tmp_path):
+    """window=(0, 0.5) over 4 steps = diffusers with the IP scale set to 0 from step 2 on (its callback recipe)."""
+    from lookalike.weights.io import save_adapter
+
+    p, adapter = personalizer()
+    path = save_adapter(adapter, tmp_path / "a.safetensors")
+    feats = features_for(adapter.spec)["pooled"]
+    neg = torch.zeros_like(feats)
+    kw = {**KW, "num_inference_steps": 4}
+    ours = p.generate(image_embeds=[feats], window=(0.0, 0.5), generator=torch.Generator().manual_seed(0),
+                      **kw).images
+    theirs = fresh_pipe("sd15")
+    theirs.load_ip_adapter(str(tmp_path), subfolder="", weight_name=path.name, image_encoder_folder=None)
+
+    def cut(pipe, step, t, cb):
+        if step == 1:  # called after step index 1: steps 2 and 3 run without the adapter
+            pipe.set_ip_adapter_scale(0.0)
+        return cb
+
+    out = theirs(ip_adapter_image_embeds=[torch.cat([neg, feats])], callback_on_step_end=cut,
+                 generator=torch.Generator().manual_seed(0), **kw).images
+    full = p.generate(image_embeds=[feats], generator=torch.Generator().manual_seed(0), **kw).images
+    assert abs(ours - out).max() <= 1e-5
+    assert abs(ours - full).max() > 1e-4
+
+
+def test_unet_output_with_adapter_equals_diffusers_unet_output(tmp_path):
+    from lookalike.weights.io import save_adapter
+
+    pipe = fresh_pipe("sdxl")
+    adapter = random_adapter(REGISTRY["ip-adapter-plus_sdxl_vit-h"], pipe)
+    path = save_adapter(adapter, tmp_path / "a.safetensors")
+    feats = features_for(adapter.spec, batch=2)["patch"]
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 7, 64, generator=g)
+    cond = {"text_embeds": torch.randn(2, 32, generator=g), "time_ids": torch.randn(2, 6, generator=g)}
+    handle = attach_adapters(pipe.unet, [adapter])
+    with torch.no_grad(), handle.conditioned([AdapterInput(adapter.project({"patch": feats}))]):
+        ours = pipe.unet(x, 500, ctx, added_cond_kwargs=cond).sample
+    handle.detach()
+    pipe.load_ip_adapter(str(tmp_path), subfolder="", weight_name=path.name, image_encoder_folder=None)
+    with torch.no_grad():
+        theirs = pipe.unet(x, 500, ctx, added_cond_kwargs={**cond, "image_embeds": [feats]}).sample
+    assert abs(ours - theirs).max() <= 1e-5
+
+
+def test_image_keys_and_values_are_computed_once_per_generation_not_per_step():
+    p, adapter = personalizer()
+    calls = []
+    layer = next(iter(v for v in adapter.ip_adapter.values() if v.has_ip))
+    layer.to_k_ip.register_forward_hook(lambda *a: calls.append(1))
+    gen(p, image_embeds=[features_for(adapter.spec)["pooled"]], num_inference_steps=4)
+    assert len(calls) == 1
