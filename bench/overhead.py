@@ -1,0 +1,171 @@
+"""Adapter overhead per generation: bare UNet vs lookalike vs diffusers' IP-Adapter, side by side in one run.
+
+A "generation" is what a pipeline does with the UNet: project the image features (lookalike: once;
+diffusers: inside every UNet call) and run ``--steps`` UNet calls with classifier-free guidance (batch 2).
+One full-size SD1.5 UNet (random weights) is shared by all modes; processors are swapped between runs,
+and runs are interleaved so drift hits every mode alike. Prints medians and ratios to bare.
+
+    python bench/overhead.py                 # full-size SD1.5, 32x32 latents (256 px), CPU
+    python bench/overhead.py --tiny --runs 1 # smoke run on a tiny UNet
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from lookalike.adapters.attach import AdapterInput, attach_adapters
+from lookalike.adapters.module import IPAdapter
+from lookalike.adapters.spec import REGISTRY, AdapterSpec
+from lookalike.weights.io import official_state_dict
+
+CONFIGS = {  # name -> registry names of the stacked adapters
+    "basic x1": ["ip-adapter_sd15"],
+    "plus x1": ["ip-adapter-plus_sd15"],
+    "basic x2": ["ip-adapter_sd15", "ip-adapter_sd15"],
+    "plus x2": ["ip-adapter-plus_sd15", "ip-adapter-plus_sd15"],
+}
+
+
+def sd15_unet(tiny: bool, device: str, dtype: torch.dtype):
+    """The SD1.5 UNet architecture (random weights), or a tiny one for smoke runs."""
+    from diffusers import UNet2DConditionModel
+
+    from lookalike.pipeline.tiny import tiny_unet
+
+    torch.manual_seed(0)
+    unet = tiny_unet("sd15") if tiny else UNet2DConditionModel(
+        sample_size=64, cross_attention_dim=768, attention_head_dim=8,
+        block_out_channels=(320, 640, 1280, 1280), layers_per_block=2)
+    return unet.to(device=device, dtype=dtype).eval()
+
+
+def sized_spec(name: str, unet, tiny: bool) -> AdapterSpec:
+    spec = REGISTRY[name]
+    if not tiny:
+        return spec
+    kw = dict(spec.projector_kwargs, dim=32, heads=2) if spec.projector == "resampler" else spec.projector_kwargs
+    return spec.with_(cross_attention_dim=unet.config.cross_attention_dim, projector_kwargs=kw,
+                      embed_dim=64 if spec.projector == "resampler" else 32)
+
+
+def features(spec: AdapterSpec, device: str, dtype: torch.dtype) -> torch.Tensor:
+    """Positive features (1, 1, ...) of the adapter's kind (257 patch tokens for plus)."""
+    g = torch.Generator().manual_seed(1)
+    shape = (1, 1, 257, spec.embed_dim) if spec.features == ("patch",) else (1, 1, spec.embed_dim)
+    return torch.randn(shape, generator=g).to(device=device, dtype=dtype)
+
+
+@dataclass
+class Inputs:
+    latents: torch.Tensor
+    text: torch.Tensor
+    steps: int
+
+
+def unet_steps(unet, inp: Inputs, **extra) -> None:
+    for i in range(inp.steps):
+        unet(inp.latents, 999 - i * 10, inp.text, **extra)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def make_modes(unet, names: list[str], inp: Inputs, tiny: bool, device: str, dtype: torch.dtype):
+    """Callables for one configuration: (lookalike generation, diffusers generation, cleanup)."""
+    adapters, feats = [], []
+    for i, name in enumerate(names):
+        spec = sized_spec(name, unet, tiny)
+        torch.manual_seed(10 + i)
+        adapter = IPAdapter.for_unet(spec, unet, device=device, dtype=dtype).eval()
+        adapter.name = f"{name}#{i}"
+        adapters.append(adapter)
+        feats.append(features(spec, device, dtype))
+    original = dict(unet.attn_processors)
+
+    def lookalike() -> None:
+        handle = attach_adapters(unet, adapters)
+        inputs = []
+        for a, f in zip(adapters, feats):
+            key = a.spec.features[0]
+            tokens = a.project({key: f})  # once per generation
+            inputs.append(AdapterInput(tokens, a.project({key: torch.zeros_like(f)})))
+        with handle.conditioned(inputs):
+            unet_steps(unet, inp)
+        handle.detach()
+
+    unet._load_ip_adapter_weights([official_state_dict(a) for a in adapters], low_cpu_mem_usage=False)
+    unet.to(device=device, dtype=dtype)
+    diffusers_procs = dict(unet.attn_processors)
+    diffusers_proj = unet.encoder_hid_proj
+
+    def use_bare() -> None:  # the projection's own attention layers leave attn_processors with it
+        unet.encoder_hid_proj, unet.config.encoder_hid_dim_type = None, None
+        unet.set_attn_processor(dict(original))
+
+    def diffusers() -> None:
+        unet.encoder_hid_proj, unet.config.encoder_hid_dim_type = diffusers_proj, "ip_image_proj"
+        unet.set_attn_processor(dict(diffusers_procs))
+        embeds = [torch.cat([torch.zeros_like(f), f]) for f in feats]
+        unet_steps(unet, inp, added_cond_kwargs={"image_embeds": embeds})
+        use_bare()
+
+    use_bare()
+
+    return lookalike, diffusers
+
+
+def timed(fn: Callable[[], None], device: str) -> float:
+    sync(device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny UNet smoke run")
+    parser.add_argument("--runs", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--latent", type=int, default=32, help="latent side (32 = 256 px)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
+    args = parser.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
+    unet = sd15_unet(args.tiny, args.device, dtype)
+    g = torch.Generator().manual_seed(0)
+    inp = Inputs(torch.randn(2, 4, args.latent, args.latent, generator=g).to(args.device, dtype),
+                 torch.randn(2, 77, unet.config.cross_attention_dim, generator=g).to(args.device, dtype), args.steps)
+    modes: dict[str, Callable[[], None]] = {"bare": lambda: unet_steps(unet, inp)}
+    for name in args.configs:
+        ours, theirs = make_modes(unet, CONFIGS[name], inp, args.tiny, args.device, dtype)
+        modes[f"lookalike {name}"], modes[f"diffusers {name}"] = ours, theirs
+    for fn in modes.values():  # warm-up
+        timed(fn, args.device)
+    times: dict[str, list[float]] = {k: [] for k in modes}
+    for _ in range(args.runs):
+        for key, fn in modes.items():
+            times[key].append(timed(fn, args.device))
+    bare = statistics.median(times["bare"])
+    print(f"device {args.device}, {args.dtype}, {'tiny' if args.tiny else 'SD1.5'} UNet, latents {args.latent}x"
+          f"{args.latent}, {args.steps} steps with guidance, {args.runs} interleaved runs, medians")
+    print(f"{'config':<10} {'bare s':>8} {'lookalike/bare':>15} {'diffusers/bare':>15}")
+    for name in args.configs:
+        ours = statistics.median(times[f"lookalike {name}"]) / bare
+        theirs = statistics.median(times[f"diffusers {name}"]) / bare
+        print(f"{name:<10} {bare:>8.3f} {ours:>15.4f} {theirs:>15.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
