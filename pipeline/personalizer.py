@@ -10,9 +10,11 @@ import torch
 
 from ..adapters.attach import AdapterHandle, AdapterInput, Scale, attach_adapters
 from ..adapters.module import IPAdapter
-from ..adapters.spec import NEGATIVE_RULE, AdapterSpec, get_spec
+from ..adapters.spec import NEGATIVE_RULE, AdapterSpec, encoder_of, get_spec
 from ..errors import LookalikeError
 from ..weights.io import adapter_from_state_dict, check_encoder, detect_spec, read_checkpoint
+from .encode import EncoderSet, ImageSource, encode_subject
+from .subject import Subject, box_mask, stack_subjects
 
 #: One adapter's features: a tensor for single-feature variants, a dict ``{"face_id": ..., "patch": ...}`` else.
 Embeds = Union[torch.Tensor, Mapping[str, torch.Tensor]]
@@ -44,11 +46,16 @@ class Personalizer:
     are stacked with :meth:`load_adapter` and conditioned per call of :meth:`generate`.
     """
 
-    def __init__(self, pipe: Any, *, backend: str = "sdpa", image_encoder: Any = None) -> None:
+    def __init__(self, pipe: Any, *, backend: str = "sdpa", image_encoder: Any = None,
+                 face_encoder: Any = None, face_root: str | os.PathLike | None = None) -> None:
         if not hasattr(pipe, "unet"):
             raise LookalikeError("Personalizer needs a diffusers pipeline with a UNet (SD1.5 or SDXL)")
         self.pipe = pipe
-        self.image_encoder = image_encoder if image_encoder is not None else getattr(pipe, "image_encoder", None)
+        self.encoders = EncoderSet(pipe.unet.device, pipe.unet.dtype, face_root)
+        clip = image_encoder if image_encoder is not None else getattr(pipe, "image_encoder", None)
+        for encoder in (clip, face_encoder):
+            if encoder is not None:
+                self.encoders.set(encoder)
         self.handle: AdapterHandle = attach_adapters(pipe.unet, backend=backend)
 
     @classmethod
@@ -144,25 +151,73 @@ class Personalizer:
             if NEGATIVE_RULE[kind] == "zeros":
                 out[kind] = torch.zeros_like(t)
                 continue
-            if self.image_encoder is None:
+            clip = [e for e in encoder_of(spec) if e.kind == "clip"][0]
+            if self.encoders.by_name.get(clip.name) is None and self.encoders.by_kind.get("clip") is None:
                 raise LookalikeError(f"{spec.name} needs negative_image_embeds: its unconditional input is the "
-                                     f"image encoder run on a blank image; pass negative_image_embeds or load an "
+                                     f"image encoder run on a blank image; pass negative_image_embeds or an "
                                      f"image encoder (Personalizer(pipe, image_encoder=...))")
-            out[kind] = self._encode_blank(t)
+            blank = self.encoders.get(clip).encode_negative(1)["patch"].to(t)  # (1, T, H)
+            out[kind] = blank.unsqueeze(1).expand(t.shape[:2] + blank.shape[1:]).clone()
         return out
 
-    def _encode_blank(self, like: torch.Tensor) -> torch.Tensor:
-        enc = self.image_encoder
-        if hasattr(enc, "encode_negative"):
-            blank = enc.encode_negative(1)["patch"]
-        else:  # a transformers CLIPVisionModelWithProjection
-            size = enc.config.image_size
-            param = next(enc.parameters())
-            pixels = torch.zeros(1, 3, size, size, device=param.device, dtype=param.dtype)
-            with torch.no_grad():
-                blank = enc(pixels, output_hidden_states=True).hidden_states[-2]
-        blank = blank.to(device=like.device, dtype=like.dtype)  # (1, T, H)
-        return blank.reshape((1, 1) + tuple(blank.shape[1:])).expand(like.shape[:2] + blank.shape[1:]).clone()
+    # -- subjects ---------------------------------------------------------------------------------
+    def set_encoder(self, encoder: Any, name: str | None = None) -> None:
+        """Use ``encoder`` (an ImageEncoder or a CLIPVisionModelWithProjection) for ``name`` or for its kind."""
+        self.encoders.set(encoder, name)
+
+    def encode(self, images: Sequence[ImageSource] | ImageSource, adapter: str | None = None, *,
+               combine: str = "concat", crop: str = "center", face_index: int | None = None) -> Subject:
+        """Run the encoder(s) an adapter needs on reference images -> a reusable :class:`Subject`."""
+        found = self._find(adapter) if adapter is not None else None
+        spec = found.spec if found else get_spec(adapter, self.base) if adapter else self._adapter_for(None).spec
+        with torch.no_grad():
+            return encode_subject(self.encoders, spec, images, combine=combine, crop=crop, face_index=face_index)
+
+    def _find(self, name: str) -> IPAdapter | None:
+        for a in self.adapters:
+            if name in (a.name, a.spec.name, a.spec.short_name):
+                return a
+        return None
+
+    def _adapter_for(self, name: str | None) -> IPAdapter:
+        if not self.adapters:
+            raise LookalikeError("no adapter is loaded; call load_adapter(...) first")
+        if name is None:
+            return self.adapters[0]
+        found = self._find(name)
+        if found is None:
+            loaded = ", ".join(a.name for a in self.adapters)
+            raise LookalikeError(f"adapter {name!r} is not loaded (loaded: {loaded}); load it with load_adapter")
+        return found
+
+    def _subject_embeds(self, subjects: Sequence[Subject], dim: int) -> tuple[list, list]:
+        """Per-adapter image_embeds / negatives from subjects (all for one adapter)."""
+        adapter = self._adapter_for(subjects[0].adapter)
+        if any(self._adapter_for(s.adapter) is not adapter for s in subjects):
+            raise LookalikeError("all subjects of one call must be encoded for the same adapter")
+        pos, neg = stack_subjects(subjects, dim)
+        embeds: list = [None] * len(self.adapters)
+        negs: list = [None] * len(self.adapters)
+        index = self.adapters.index(adapter)
+        embeds[index], negs[index] = pos, neg
+        return embeds, negs
+
+    def _region_masks(self, subjects: Sequence[Subject], regions: Sequence, height: int, width: int,
+                      adapters: int, index: int) -> list:
+        """Boxes or (H, W) masks, one per subject, -> the adapter's (1, images, H, W) mask tensor."""
+        if len(regions) != len(subjects):
+            raise LookalikeError(f"give one region (box or mask) per subject: {len(subjects)} subjects, "
+                                 f"{len(regions)} regions")
+        planes = []
+        for subject, region in zip(subjects, regions):
+            if torch.is_tensor(region):
+                plane = region.float().reshape(region.shape[-2:])
+            else:
+                plane = box_mask(region, height, width)
+            planes += [plane] * subject.num_images
+        masks: list = [None] * adapters
+        masks[index] = torch.stack(planes).unsqueeze(0)
+        return masks
 
     @staticmethod
     def _fit_batch(t: torch.Tensor, prompts: int, per_prompt: int, name: str) -> torch.Tensor:
@@ -235,16 +290,25 @@ class Personalizer:
                  negative_image_embeds: Sequence[Embeds | None] | None = None, scale: Scale | Sequence[Scale] = 1.0,
                  masks: Sequence[torch.Tensor | None] | torch.Tensor | None = None,
                  window: tuple[float, float] | Sequence[tuple[float, float]] = (0.0, 1.0),
-                 combine: str = "concat", **pipeline_kwargs: Any) -> Any:
+                 combine: str = "concat", subject: Subject | Sequence[Subject] | None = None,
+                 subjects: Sequence[Subject] | None = None, regions: Sequence | None = None,
+                 **pipeline_kwargs: Any) -> Any:
         """Generate with the wrapped pipeline, each adapter conditioned on its image features.
 
         ``image_embeds[i]``: raw encoder features for adapter ``i`` with a leading (batch, images) pair;
         ``scale``: a float, one per adapter, or diffusers' per-block dict; ``window``: ``(start, end)``
         fractions of the schedule where adapters act; ``masks``: per adapter ``(1, images, H, W)`` regions.
+        ``subject``: a :class:`Subject` (or one per prompt) instead of ``image_embeds``; ``subjects`` with
+        ``regions`` (a box ``(x0, y0, x1, y1)`` or an ``(H, W)`` mask each) places several subjects in one image.
         Other keyword arguments go to the pipeline.
         """
+        if subject is not None or subjects is not None:
+            if image_embeds is not None:
+                raise LookalikeError("pass either image_embeds or subject(s), not both")
+            image_embeds, negative_image_embeds, masks = self._from_subjects(subject, subjects, regions,
+                                                                             pipeline_kwargs)
         if image_embeds is None:
-            raise LookalikeError("generate needs image_embeds (one entry per loaded adapter)")
+            raise LookalikeError("generate needs image_embeds or a subject (one entry per loaded adapter)")
         if torch.is_tensor(image_embeds) or isinstance(image_embeds, Mapping):
             image_embeds = [image_embeds]
         if torch.is_tensor(masks):
@@ -256,3 +320,21 @@ class Personalizer:
         self.handle.scheduler = self.pipe.scheduler
         with self.handle.conditioned(inputs):
             return self.pipe(prompt=prompt, **pipeline_kwargs)
+
+    def _from_subjects(self, subject: Any, subjects: Any, regions: Any, kwargs: dict) -> tuple:
+        if subjects is not None:
+            if regions is None:
+                raise LookalikeError("several subjects in one image need regions: a box or a mask per subject")
+            embeds, negs = self._subject_embeds(list(subjects), dim=1)
+            height, width = self._output_size(kwargs)
+            index = next(i for i, e in enumerate(embeds) if e is not None)
+            masks = self._region_masks(list(subjects), list(regions), height, width, len(embeds), index)
+            return embeds, negs, masks
+        many = list(subject) if isinstance(subject, (list, tuple)) else [subject]
+        embeds, negs = self._subject_embeds(many, dim=0)
+        return embeds, negs, None
+
+    def _output_size(self, kwargs: dict) -> tuple[int, int]:
+        scale = getattr(self.pipe, "vae_scale_factor", 8)
+        default = self.pipe.unet.config.sample_size * scale
+        return int(kwargs.get("height") or default), int(kwargs.get("width") or default)

@@ -1,0 +1,130 @@
+"""Reference images -> a :class:`Subject`, running exactly the encoders an adapter's spec names.
+
+Nothing here branches on an encoder's kind beyond the spec's feature list: FaceID-Plus is "face, then CLIP
+on the aligned face crop"; every other variant asks one encoder for one feature.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from ..adapters.spec import ENCODERS, AdapterSpec, EncoderSpec, encoder_of
+from ..encoders.prepare import CropMode, load_image
+from ..errors import LookalikeError
+from ..weights.io import check_encoder
+from .subject import Subject, file_sha256
+
+ImageSource = str | os.PathLike | Image.Image
+
+
+class EncoderSet:
+    """The image encoders a Personalizer uses, loaded on first need (or given by the caller)."""
+
+    def __init__(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 face_root: str | os.PathLike | None = None) -> None:
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.face_root = face_root
+        self.by_name: dict[str, Any] = {}
+        self.by_kind: dict[str, Any] = {}
+
+    def set(self, encoder: Any, name: str | None = None) -> None:
+        """Use ``encoder`` for the encoder ``name`` (a key of ``ENCODERS``), or for every encoder of its kind."""
+        if encoder.__class__.__name__.startswith("CLIPVision"):
+            from ..encoders.clip import ClipImageEncoder
+
+            encoder = ClipImageEncoder(encoder)
+        kind = "face" if "face_id" in encoder.kinds else "clip"
+        if name is None:
+            self.by_kind[kind] = encoder
+        else:
+            self.by_name[name] = encoder
+
+    def get(self, spec: EncoderSpec) -> Any:
+        """The encoder for ``spec``: one set by name, one set for its kind, else loaded from the cache/hub."""
+        found = self.by_name.get(spec.name) or self.by_kind.get(spec.kind)
+        if found is None:
+            found = self._load(spec)
+            self.by_name[spec.name] = found
+        return found
+
+    def _load(self, spec: EncoderSpec) -> Any:
+        if spec.kind == "face":
+            from ..encoders.face import FaceEncoder
+
+            return FaceEncoder.from_folder(self.face_root)
+        from ..encoders.clip import ClipImageEncoder
+        from ..weights.hub import resolve_encoder_dir
+
+        return ClipImageEncoder.from_pretrained(resolve_encoder_dir(spec), device=self.device, dtype=self.dtype)
+
+
+def _load_all(images: Sequence[ImageSource] | ImageSource) -> tuple[list[Image.Image], list[str], list[str]]:
+    """Images, their SHA-256 ("" in memory) and labels for messages (file name, or "image N")."""
+    if isinstance(images, (str, os.PathLike, Image.Image)):
+        images = [images]
+    if len(images) == 0:
+        raise LookalikeError("no reference image was given; pass at least one photo of the subject")
+    loaded = [load_image(img) for img in images]
+    in_memory = [isinstance(img, Image.Image) for img in images]
+    sources = ["" if mem else file_sha256(img) for img, mem in zip(images, in_memory)]
+    labels = [f"image {n}" if mem else Path(img).name for n, (img, mem) in enumerate(zip(images, in_memory))]
+    return loaded, sources, labels
+
+
+def _face_encode(encoder: Any, images: list[Image.Image], face_index: int | None, normed: bool,
+                 names: list[str]) -> tuple[torch.Tensor, list[Image.Image]]:
+    """ArcFace ids (N, 512) and the aligned crops, through the face encoder's interface."""
+    ids, crops = [], []
+    for image, name in zip(images, names):
+        face = encoder.face(image, face_index=face_index, label=name)
+        ids.append(torch.as_tensor(face.normed_embedding if normed else face.embedding, dtype=torch.float32))
+        crops.append(face.crop)
+    return torch.stack(ids), crops
+
+
+def encode_subject(encoders: EncoderSet, spec: AdapterSpec, images: Sequence[ImageSource] | ImageSource, *,
+                   combine: str = "concat", crop: CropMode = "center", face_index: int | None = None) -> Subject:
+    """Encode reference images for ``spec``; features come out as ``(1, images, ...)``."""
+    if combine not in ("concat", "mean"):
+        raise LookalikeError(f"combine must be 'concat' or 'mean', not {combine!r}")
+    pil, sources, names = _load_all(images)
+    encs = {e.kind: encoders.get(e) for e in encoder_of(spec)}
+    feats: dict[str, torch.Tensor] = {}
+    clip_inputs, clip_crop = pil, crop
+    if "face_id" in spec.features:
+        feats["face_id"], clip_inputs = _face_encode(encs["face"], pil, face_index, spec.face_normed, names)
+        clip_crop = "center"
+    clip_kinds = [k for k in spec.features if k in ("pooled", "patch")]
+    if clip_kinds:
+        out = encs["clip"].encode(clip_inputs, crop=clip_crop)
+        feats.update({k: out[k] for k in clip_kinds})
+    check_encoder(spec, {k: v.shape[-1] for k, v in feats.items()}, "the image encoder")
+    negative = _negative(encs, spec, feats)
+    shape = (lambda t: t.mean(0, keepdim=True).unsqueeze(0)) if combine == "mean" else (lambda t: t.unsqueeze(0))
+    return Subject({k: shape(v) for k, v in feats.items()}, {k: shape(v) for k, v in negative.items()},
+                   adapter=spec.name, encoder=spec.encoder, combine=combine, sources=sources)
+
+
+def _negative(encs: dict[str, Any], spec: AdapterSpec, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The official unconditional features, one row per image (zeros; CLIP of a blank input for patches)."""
+    out = {}
+    for kind, t in feats.items():
+        if kind == "patch":
+            out[kind] = encs["clip"].encode_negative(1)["patch"].to(t).expand_as(t).clone()
+        else:
+            out[kind] = torch.zeros_like(t)
+    return out
+
+
+def known_encoder(name: str) -> EncoderSpec:
+    """An encoder spec by name, with a sentence when unknown."""
+    if name not in ENCODERS:
+        raise LookalikeError(f"unknown image encoder {name!r}; known: {', '.join(ENCODERS)}")
+    return ENCODERS[name]

@@ -1,0 +1,123 @@
+"""``Subject``: a reference's encoder features and their negative, reusable without running any encoder.
+
+Saved as safetensors (``features.<kind>``, ``negative.<kind>``) with provenance in the metadata: the adapter
+variant, the encoder, how images were combined and the SHA-256 of each source image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ..errors import LookalikeError
+
+FORMAT = "lookalike.subject/1"
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes (the provenance of a reference image)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class Subject:
+    """Encoder features of one subject: ``features[kind]`` is ``(1, images, ...)``; ``negative`` likewise."""
+
+    features: dict[str, torch.Tensor]
+    negative: dict[str, torch.Tensor]
+    adapter: str
+    encoder: str
+    combine: str = "concat"
+    sources: list[str] = field(default_factory=list)  # SHA-256 of each source image ("" for in-memory images)
+
+    @property
+    def num_images(self) -> int:
+        return next(iter(self.features.values())).shape[1]
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Subject:
+        """A copy on another device / dtype."""
+        move = {k: v.to(device=device, dtype=dtype) for k, v in self.features.items()}
+        neg = {k: v.to(device=device, dtype=dtype) for k, v in self.negative.items()}
+        return Subject(move, neg, self.adapter, self.encoder, self.combine, list(self.sources))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the subject atomically (temporary file, then rename)."""
+        path = Path(path).expanduser()
+        if path.suffix != ".safetensors":
+            raise LookalikeError(f"subjects are saved as .safetensors; rename {path.name} to end in .safetensors")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {f"features.{k}": v.detach().cpu().contiguous() for k, v in self.features.items()}
+        tensors.update({f"negative.{k}": v.detach().cpu().contiguous() for k, v in self.negative.items()})
+        meta = {"format": FORMAT, "adapter": self.adapter, "encoder": self.encoder, "combine": self.combine,
+                "sources": json.dumps(self.sources)}
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=meta)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Subject:
+        """Read a subject written by :meth:`save`."""
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise LookalikeError(f"no such subject file: {path}; create one with `lookalike encode`")
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                meta = dict(f.metadata() or {})
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise LookalikeError(f"cannot read subject {path}: not a valid safetensors file") from exc
+        if meta.get("format") != FORMAT:
+            raise LookalikeError(f"{path} is not a lookalike subject file; create one with `lookalike encode`")
+        part = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
+        return cls(part("features."), part("negative."), meta["adapter"], meta["encoder"],
+                   meta.get("combine", "concat"), json.loads(meta.get("sources", "[]")))
+
+
+def stack_subjects(subjects: Sequence[Subject], dim: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Join subjects' features along the batch (``dim=0``) or the image axis (``dim=1``)."""
+    kinds = subjects[0].features.keys()
+    for s in subjects:
+        if s.features.keys() != kinds:
+            raise LookalikeError("subjects encoded for different adapters cannot be combined; encode them "
+                                 "with the same adapter")
+    if dim == 0 and len({s.num_images for s in subjects}) > 1:
+        raise LookalikeError("subjects in one batch need the same number of reference images; encode them with "
+                             "combine='mean' or the same number of images")
+
+    def cat(parts: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        return {k: torch.cat([p[k] for p in parts], dim=dim) for k in kinds}
+
+    return cat([s.features for s in subjects]), cat([s.negative for s in subjects])
+
+
+def box_mask(box: Sequence[float], height: int, width: int) -> torch.Tensor:
+    """A ``(x0, y0, x1, y1)`` box (pixels, or fractions of the image when all are <= 1) -> ``(H, W)`` mask."""
+    if len(box) != 4:
+        raise LookalikeError(f"a box is (x0, y0, x1, y1), got {tuple(box)}")
+    x0, y0, x1, y1 = (float(v) for v in box)
+    if max(x0, y0, x1, y1) <= 1.0:
+        x0, x1, y0, y1 = x0 * width, x1 * width, y0 * height, y1 * height
+    if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+        raise LookalikeError(f"box {tuple(box)} does not lie inside the {width}x{height} image")
+    mask = torch.zeros(height, width)
+    mask[round(y0):round(y1), round(x0):round(x1)] = 1.0
+    return mask

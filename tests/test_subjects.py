@@ -1,0 +1,139 @@
+"""Subjects: encode once, save/load, generate without encoders; several subjects; pipeline variants."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from lookalike.pipeline.demo import demo_personalizer
+from lookalike.pipeline.subject import Subject, file_sha256
+
+from helpers import SHARED
+
+DOG = SHARED / "data" / "dreambench" / "dog"
+KW = dict(num_inference_steps=2, height=64, width=64, output_type="np")
+
+
+def photos() -> list[Path]:
+    if not DOG.is_dir():
+        pytest.skip("../shared/data/dreambench is absent")
+    return sorted(DOG.glob("*.jpg"))[:2]
+
+
+def run(p, **kw):
+    return p.generate(generator=torch.Generator().manual_seed(0), **{**KW, **kw}).images
+
+
+def test_encode_gives_features_per_image_and_the_official_negative():
+    p = demo_personalizer("plus")
+    s = p.encode(photos())
+    enc = p.encoders.by_kind["clip"]
+    assert s.features["patch"].shape == (1, 2, 17, 48)
+    blank = enc.encode_negative(1)["patch"]
+    assert torch.equal(s.negative["patch"][0, 1], blank[0])
+    assert s.sources == [file_sha256(f) for f in photos()]
+
+
+def test_mean_combine_averages_the_reference_features():
+    p = demo_personalizer("basic")
+    cat, mean = p.encode(photos()), p.encode(photos(), combine="mean")
+    assert mean.features["pooled"].shape == (1, 1, 32)
+    assert torch.allclose(mean.features["pooled"][0, 0], cat.features["pooled"][0].mean(0))
+
+
+def test_saved_subject_loads_bit_exact_and_generates_without_running_an_encoder(tmp_path):
+    p = demo_personalizer("plus")
+    s = p.encode(photos())
+    direct = run(p, prompt="a dog", subject=s)
+    path = s.save(tmp_path / "dog.safetensors")
+    loaded = Subject.load(path)
+    assert all(torch.equal(loaded.features[k], s.features[k]) for k in s.features)
+    assert (loaded.adapter, loaded.encoder, loaded.sources) == (s.adapter, s.encoder, s.sources)
+
+    class Refuse:
+        kinds = ("pooled", "patch")
+
+        def encode(self, *a, **k):
+            raise AssertionError("an encoder ran")
+
+        encode_negative = encode
+
+    p.set_encoder(Refuse())
+    assert (run(p, prompt="a dog", subject=loaded) == direct).all()
+
+
+def test_generating_from_a_subject_equals_passing_its_features():
+    p = demo_personalizer("plus")
+    s = p.encode(photos())
+    a = run(p, prompt="a dog", subject=s)
+    b = run(p, prompt="a dog", image_embeds=[s.features["patch"]], negative_image_embeds=[s.negative["patch"]])
+    assert (a == b).all()
+
+
+def test_prompts_with_a_subject_each_equal_each_alone():
+    p = demo_personalizer("basic")
+    one = p.encode(photos()[:1])
+    two = p.encode(photos()[1:])
+    latents = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(3))
+    both = run(p, prompt=["a dog", "a cat"], subject=[one, two], latents=latents)
+    alone = [run(p, prompt=t, subject=s, latents=latents[i:i + 1]) for i, (t, s) in
+             enumerate([("a dog", one), ("a cat", two)])]
+    assert abs(both[0] - alone[0][0]).max() <= 1e-5 and abs(both[1] - alone[1][0]).max() <= 1e-5
+
+
+def test_two_subjects_in_boxes_equal_the_same_masks_given_by_hand():
+    p = demo_personalizer("plus")
+    a, b = p.encode(photos()[:1]), p.encode(photos()[1:])
+    boxed = run(p, prompt="two dogs", subjects=[a, b], regions=[(0, 0, 0.5, 1), (32, 0, 64, 64)])
+    masks = torch.zeros(1, 2, 64, 64)
+    masks[0, 0, :, :32] = 1
+    masks[0, 1, :, 32:] = 1
+    by_hand = run(p, prompt="two dogs", image_embeds=[torch.cat([a.features["patch"], b.features["patch"]], 1)],
+                  negative_image_embeds=[torch.cat([a.negative["patch"], b.negative["patch"]], 1)], masks=[masks])
+    assert (boxed == by_hand).all()
+    single = run(p, prompt="two dogs", subject=a)
+    assert abs(boxed - single).max() > 1e-4
+
+
+def test_subject_for_an_adapter_that_is_not_loaded_is_refused_with_a_sentence():
+    from lookalike.errors import LookalikeError
+
+    p = demo_personalizer("plus")
+    s = p.encode([Image.new("RGB", (80, 60), (200, 30, 30))])
+    s.adapter = "ip-adapter_sd15"
+    with pytest.raises(LookalikeError, match="is not loaded"):
+        run(p, prompt="x", subject=s)
+
+
+def _variant_pipe(kind: str, base_pipe):
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionImg2ImgPipeline
+
+    if kind == "img2img":
+        return StableDiffusionImg2ImgPipeline(**base_pipe.components)
+    torch.manual_seed(0)
+    controlnet = ControlNetModel.from_unet(base_pipe.unet, conditioning_embedding_out_channels=(16, 32))
+    return StableDiffusionControlNetPipeline(**base_pipe.components, controlnet=controlnet)
+
+
+@pytest.mark.parametrize("kind", ["img2img", "controlnet"])
+def test_img2img_and_controlnet_pipelines_take_the_adapter_and_controlnet_sees_no_image_tokens(kind):
+    from lookalike import Personalizer
+    from lookalike.pipeline.demo import demo_adapter, demo_clip_encoder
+
+    base = demo_personalizer(None).pipe
+    pipe = _variant_pipe(kind, base)
+    p = Personalizer(pipe, image_encoder=demo_clip_encoder())
+    p.load_adapter(demo_adapter("plus", pipe.unet))
+    s = p.encode([Image.new("RGB", (64, 64), (10, 200, 30))])
+    image = Image.new("RGB", (64, 64), (120, 120, 120))
+    extra = {"image": image} if kind == "img2img" else {"image": image}
+    if kind == "controlnet":
+        procs_before = dict(pipe.controlnet.attn_processors)
+    with_adapter = run(p, prompt="x", subject=s, **extra)
+    off = run(p, prompt="x", subject=s, scale=0.0, **extra)
+    assert abs(with_adapter - off).max() > 1e-4
+    if kind == "controlnet":
+        assert all(pipe.controlnet.attn_processors[k] is v for k, v in procs_before.items())
