@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -65,8 +64,8 @@ class EncoderSet:
         return ClipImageEncoder.from_pretrained(resolve_encoder_dir(spec), device=self.device, dtype=self.dtype)
 
 
-def _load_all(images: Sequence[ImageSource] | ImageSource) -> tuple[list[Image.Image], list[str], list[str]]:
-    """Images, their SHA-256 ("" in memory) and labels for messages (file name, or "image N")."""
+def _load_all(images: Sequence[ImageSource] | ImageSource) -> tuple[list[Image.Image], list[str]]:
+    """Images and their SHA-256 ("" for images given in memory)."""
     if isinstance(images, (str, os.PathLike, Image.Image)):
         images = [images]
     if len(images) == 0:
@@ -74,19 +73,15 @@ def _load_all(images: Sequence[ImageSource] | ImageSource) -> tuple[list[Image.I
     loaded = [load_image(img) for img in images]
     in_memory = [isinstance(img, Image.Image) for img in images]
     sources = ["" if mem else file_sha256(img) for img, mem in zip(images, in_memory)]
-    labels = [f"image {n}" if mem else Path(img).name for n, (img, mem) in enumerate(zip(images, in_memory))]
-    return loaded, sources, labels
+    return loaded, sources
 
 
-def _face_encode(encoder: Any, images: list[Image.Image], face_index: int | None, normed: bool,
-                 names: list[str]) -> tuple[torch.Tensor, list[Image.Image]]:
-    """ArcFace ids (N, 512) and the aligned crops, through the face encoder's interface."""
-    ids, crops = [], []
-    for image, name in zip(images, names):
-        face = encoder.face(image, face_index=face_index, label=name)
-        ids.append(torch.as_tensor(face.normed_embedding if normed else face.embedding, dtype=torch.float32))
-        crops.append(face.crop)
-    return torch.stack(ids), crops
+def _face_encode(encoder: Any, sources: list[ImageSource], face_index: int | None,
+                 normed: bool) -> tuple[torch.Tensor, list[Image.Image]]:
+    """ArcFace ids (N, 512) and the aligned 224 px face crops (for CLIP), one face per image."""
+    faces = encoder.encode_faces(sources, face_index=face_index)
+    ids = [torch.as_tensor(f.normed_embedding if normed else f.embedding, dtype=torch.float32) for f in faces]
+    return torch.stack(ids), [f.crop for f in faces]
 
 
 def encode_subject(encoders: EncoderSet, spec: AdapterSpec, images: Sequence[ImageSource] | ImageSource, *,
@@ -94,12 +89,13 @@ def encode_subject(encoders: EncoderSet, spec: AdapterSpec, images: Sequence[Ima
     """Encode reference images for ``spec``; features come out as ``(1, images, ...)``."""
     if combine not in ("concat", "mean"):
         raise LookalikeError(f"combine must be 'concat' or 'mean', not {combine!r}")
-    pil, sources, names = _load_all(images)
+    pil, sources = _load_all(images)
     encs = {e.kind: encoders.get(e) for e in encoder_of(spec)}
     feats: dict[str, torch.Tensor] = {}
     clip_inputs, clip_crop = pil, crop
     if "face_id" in spec.features:
-        feats["face_id"], clip_inputs = _face_encode(encs["face"], pil, face_index, spec.face_normed, names)
+        given = [images] if isinstance(images, (str, os.PathLike, Image.Image)) else list(images)
+        feats["face_id"], clip_inputs = _face_encode(encs["face"], given, face_index, spec.face_normed)
         clip_crop = "center"
     clip_kinds = [k for k in spec.features if k in ("pooled", "patch")]
     if clip_kinds:
