@@ -133,3 +133,21 @@ def test_image_keys_and_values_are_computed_once_per_generation_not_per_step():
     layer.to_k_ip.register_forward_hook(lambda *a: calls.append(1))
     gen(p, image_embeds=[features_for(adapter.spec)["pooled"]], num_inference_steps=4)
     assert len(calls) == 1
+
+
+def test_cached_keys_values_follow_each_change_of_subject_scale_mask_and_batch():
+    """Generations in a row with different inputs equal the same generations on a fresh pipeline."""
+    p, adapter = personalizer("ip-adapter-plus_sd15")
+    f = [features_for(adapter.spec, seed=s)["patch"] for s in range(3)]
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., :16] = 1
+    calls = [dict(image_embeds=[f[0]]), dict(image_embeds=[f[1]]), dict(image_embeds=[f[1]], scale=0.3),
+             dict(image_embeds=[f[1]], masks=[mask]), dict(image_embeds=[torch.cat([f[0], f[2]])],
+                                                          prompt=["a", "b"])]
+    negative = [torch.zeros_like(f[0])]
+    in_a_row = [gen(p, negative_image_embeds=negative, **c) for c in calls]
+    for c, seen in zip(calls, in_a_row):
+        fresh, _ = personalizer("ip-adapter-plus_sd15")
+        neg = [torch.zeros_like(c["image_embeds"][0])]
+        assert torch.equal(torch.from_numpy(gen(fresh, negative_image_embeds=neg, **c)), torch.from_numpy(seen))
+    assert len({float(x.sum()) for x in in_a_row}) == len(calls)
