@@ -17,7 +17,7 @@ from PIL import Image
 from torch import nn
 
 from lookalike.encoders.base import ImageEncoder
-from lookalike.encoders.face import FaceEncoder, FacePlusEncoder, model_folder
+from lookalike.encoders.face import FaceEncoder, model_folder
 from lookalike.errors import LookalikeError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -323,30 +323,6 @@ def test_unknown_detector_and_crop_mode_are_refused(full_pack: Path, astronaut: 
     encoder = FaceEncoder.from_folder(full_pack)
     with pytest.raises(LookalikeError, match="unknown crop mode 'zoom'"):
         encoder.encode([astronaut], crop="zoom")  # type: ignore[arg-type]
-
-
-def test_face_plus_encoder_gives_face_id_and_clip_patch_of_aligned_crop(
-    full_pack: Path, astronaut: Image.Image
-) -> None:
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    from lookalike.encoders.clip import ClipImageEncoder
-
-    torch.manual_seed(0)
-    config = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                              image_size=32, patch_size=8, projection_dim=16)
-    clip = ClipImageEncoder(CLIPVisionModelWithProjection(config), kinds=("patch",))
-    face = FaceEncoder.from_folder(full_pack)
-    plus = FacePlusEncoder(face, clip)
-    assert isinstance(plus, ImageEncoder)
-    assert plus.kinds == ("face_id", "patch") and plus.embed_dims == {"face_id": 512, "patch": 32}
-    features = plus.encode([astronaut])
-    crop = face.aligned_crops([astronaut])[0]
-    assert torch.equal(features["face_id"], face.encode([astronaut])["face_id"])
-    assert torch.allclose(features["patch"], clip.encode([crop])["patch"])  # (1, 17, 32)
-    negative = plus.encode_negative(2)
-    assert torch.equal(negative["face_id"], torch.zeros(2, 512))
-    assert torch.allclose(negative["patch"], clip.encode_negative(2)["patch"])
 
 
 def test_faceid_plus_subject_runs_face_then_clip_on_the_aligned_crop_and_generates(
