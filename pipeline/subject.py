@@ -9,16 +9,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from ..errors import LookalikeError
+from ..weights.io import write_safetensors
 
 FORMAT = "lookalike.subject/1"
 
@@ -58,20 +57,11 @@ class Subject:
         path = Path(path).expanduser()
         if path.suffix != ".safetensors":
             raise LookalikeError(f"subjects are saved as .safetensors; rename {path.name} to end in .safetensors")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {f"features.{k}": v.detach().cpu().contiguous() for k, v in self.features.items()}
-        tensors.update({f"negative.{k}": v.detach().cpu().contiguous() for k, v in self.negative.items()})
+        tensors = {f"features.{k}": v for k, v in self.features.items()}
+        tensors.update({f"negative.{k}": v for k, v in self.negative.items()})
         meta = {"format": FORMAT, "adapter": self.adapter, "encoder": self.encoder, "combine": self.combine,
                 "sources": json.dumps(self.sources)}
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+        return write_safetensors(tensors, path, meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Subject:

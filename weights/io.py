@@ -215,20 +215,27 @@ def official_state_dict(adapter: IPAdapter) -> dict[str, StateDict]:
     return {name: section(sd, name) for name in SECTIONS}
 
 
-def save_adapter(adapter: IPAdapter, path: str | os.PathLike, extra_metadata: Mapping[str, str] | None = None) -> Path:
-    """Write flat official-layout safetensors with the spec in the metadata, atomically."""
+def write_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
+                      metadata: Mapping[str, str]) -> Path:
+    """Write safetensors atomically: a temporary file in the same folder, then a rename."""
     path = Path(path).expanduser()
-    if path.suffix != ".safetensors":
-        raise LookalikeError(f"adapters are written as .safetensors; rename {path.name} to end in .safetensors")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter.state_dict().items()}
-    metadata = {SPEC_KEY: adapter.spec.to_json(), "format": "pt", **(extra_metadata or {})}
+    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        save_file(cpu, tmp, metadata=dict(metadata))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def save_adapter(adapter: IPAdapter, path: str | os.PathLike, extra_metadata: Mapping[str, str] | None = None) -> Path:
+    """Write flat official-layout safetensors with the spec in the metadata, atomically."""
+    path = Path(path).expanduser()
+    if path.suffix != ".safetensors":
+        raise LookalikeError(f"adapters are written as .safetensors; rename {path.name} to end in .safetensors")
+    metadata = {SPEC_KEY: adapter.spec.to_json(), "format": "pt", **(extra_metadata or {})}
+    return write_safetensors(adapter.state_dict(), path, metadata)
