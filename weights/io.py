@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,6 +20,7 @@ from safetensors.torch import save_file
 from ..adapters.module import IPAdapter, attention_layers
 from ..adapters.spec import REGISTRY, AdapterSpec, Base
 from ..errors import CheckpointMismatchError, LookalikeError, UnsafeCheckpointError
+from ..fileio import write_atomic
 
 SPEC_KEY = "lookalike.spec"
 SECTIONS = ("image_proj", "ip_adapter")
@@ -217,19 +217,9 @@ def official_state_dict(adapter: IPAdapter) -> dict[str, StateDict]:
 
 def write_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
                       metadata: Mapping[str, str]) -> Path:
-    """Write safetensors atomically: a temporary file in the same folder, then a rename."""
-    path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write safetensors atomically (temporary file, then rename)."""
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(cpu, tmp, metadata=dict(metadata))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return write_atomic(path, lambda tmp: save_file(cpu, tmp, metadata=dict(metadata)))
 
 
 def save_adapter(adapter: IPAdapter, path: str | os.PathLike, extra_metadata: Mapping[str, str] | None = None) -> Path:
