@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "Personalizer": "lookalike.pipeline.personalizer",
+    "Subject": "lookalike.pipeline.subject",
     "AdapterSpec": "lookalike.adapters.spec",
     "REGISTRY": "lookalike.adapters.spec",
     "get_spec": "lookalike.adapters.spec",
@@ -29,6 +30,7 @@ __all__ = [
     "IPAdapter",
     "LookalikeError",
     "Personalizer",
+    "Subject",
     "__version__",
     "attach_adapters",
     "get_spec",
@@ -43,6 +45,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .adapters.spec import REGISTRY, AdapterSpec, get_spec, register
     from .errors import LookalikeError
     from .pipeline.personalizer import Personalizer
+    from .pipeline.subject import Subject
     from .weights.io import load_adapter, save_adapter
 
 
