@@ -89,7 +89,7 @@ class ClipImageEncoder:
                 f"cannot load the CLIP image encoder {where}: {_first_line(exc)}; check the id or folder"
             ) from exc
         _check_missing_weights(info.get("missing_keys", ()), where, kinds)
-        processor = _read_processor_config(source, subfolder, local_files_only)
+        processor = read_processor_config(source, subfolder, local_files_only)
         image_size, mean, std = _processor_settings(processor)
         return cls(model, image_size=image_size, mean=mean, std=std, kinds=kinds, device=device, dtype=dtype)
 
@@ -218,7 +218,7 @@ def _check_missing_weights(missing: Any, where: str, kinds: Sequence[str]) -> No
         )
 
 
-def _read_processor_config(
+def read_processor_config(
     source: str, subfolder: str | None, local_files_only: bool | None
 ) -> dict[str, Any]:
     """Read preprocessor_config.json beside the model (local folder or hub cache); {} when absent."""

@@ -229,7 +229,9 @@ def _add_download(sub: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with its four subcommands."""
+    """The argument parser with its subcommands."""
+    from ..evaluation.cli import add_eval_parser
+
     parser = argparse.ArgumentParser(
         prog="lookalike",
         description="Zero-shot personalization of text-to-image models: images of a subject from a few photos.",
@@ -242,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_encode(sub)
     _add_info(sub)
     _add_download(sub)
+    add_eval_parser(sub)
     return parser
 
 
