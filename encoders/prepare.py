@@ -34,6 +34,8 @@ OPENAI_CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.2757771
 #: Largest image (in pixels) ``load_image`` accepts by default: Pillow's own decompression-bomb
 #: error threshold, about 179 megapixels.
 MAX_PIXELS: int = 2 * 89_478_485
+#: Reference photos smaller than this on a side carry no usable subject (a 1x1 image, an icon).
+MIN_REFERENCE_SIDE = 16
 
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 _HIGH_DEPTH_MODES = {"I", "F", "I;16", "I;16L", "I;16B", "I;16N"}
@@ -50,6 +52,17 @@ def load_image(
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"load_image takes a path or a PIL image, not {type(source).__name__}")
     return to_rgb(_open_file(Path(source), max_pixels))
+
+
+def load_reference(source: str | os.PathLike[str] | Image.Image, *, min_side: int = MIN_REFERENCE_SIDE,
+                   label: str | None = None) -> Image.Image:
+    """``load_image`` for a reference photo, refusing images too small to show a subject."""
+    image = load_image(source)
+    if min(image.size) < min_side:
+        name = label or (f"'{os.fspath(source)}'" if isinstance(source, (str, os.PathLike)) else "the given image")
+        raise LookalikeError(f"reference image {name} is only {image.width}x{image.height} pixels; use a photo "
+                             f"at least {min_side} pixels on each side")
+    return image
 
 
 def _open_file(path: Path, max_pixels: int | None) -> Image.Image:

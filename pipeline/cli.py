@@ -34,6 +34,7 @@ from .cli_plan import (
     device_and_dtype,
     encode_plan,
     encode_references,
+    face_options,
     load_personalizer,
     load_subject,
     make_plan,
@@ -133,6 +134,12 @@ def _add_reference_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--combine", choices=("concat", "mean"), default="concat",
                        help="several photos: keep every photo's tokens (concat) or average them (mean) "
                             "(default: concat)")
+    group.add_argument("--face-models", metavar="DIR", default=None,
+                       help="FaceID adapters: the insightface model folder (default: ~/.insightface/models/buffalo_l)")
+    group.add_argument("--face-detector", choices=("insightface", "yunet"), default=None,
+                       help="FaceID adapters: insightface's detector (default) or OpenCV's YuNet")
+    group.add_argument("--yunet-model", metavar="FILE", default=None,
+                       help="with --face-detector yunet: the YuNet .onnx file")
 
 
 def _add_generate(sub: Any) -> None:
@@ -303,7 +310,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     width, height = args.size or (DEFAULT_SIZE[family],) * 2
     guidance = args.guidance if args.guidance is not None else DEFAULT_GUIDANCE[plan.base]
     with quiet_hub(), quiet_libraries():
-        p, name = load_personalizer(plan, device, dtype)
+        p, name = load_personalizer(plan, device, dtype, face_options(args))
         if subject is None:
             subject = p.encode(references, adapter=name, combine=args.combine, crop=args.crop,
                                face_index=args.face_index)

@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointMismatchError, LookalikeError, MissingFileError
 
@@ -64,11 +64,11 @@ def check_output(text: str, suffix: str, what: str) -> Path:
 
 def check_references(references: Sequence[str]) -> list[Path]:
     """Every reference photo, opened and decoded once so that a bad file fails before any model loads."""
-    from ..encoders.prepare import load_image
+    from ..encoders.prepare import load_reference
 
     paths = [Path(r).expanduser() for r in references]
     for path in paths:
-        load_image(path)
+        load_reference(path)
     return paths
 
 
@@ -335,21 +335,34 @@ def quiet_libraries() -> Iterator[None]:
                 hub_utils.disable_progress_bars()
 
 
-def load_personalizer(plan: Plan, device: torch.device | None, dtype: torch.dtype | None
-                       ) -> tuple[Personalizer, str]:
+def face_options(args: argparse.Namespace) -> dict[str, Any]:
+    """FaceEncoder.from_folder arguments from --face-models, --face-detector and --yunet-model."""
+    options: dict[str, Any] = {}
+    if getattr(args, "face_models", None):
+        options["model_dir"] = args.face_models
+    if getattr(args, "face_detector", None):
+        options["detector"] = args.face_detector
+    if getattr(args, "yunet_model", None):
+        options["yunet_model"] = args.yunet_model
+    return options
+
+
+def load_personalizer(plan: Plan, device: torch.device | None, dtype: torch.dtype | None,
+                      faces: dict[str, Any] | None = None) -> tuple[Personalizer, str]:
     """The model with the adapter loaded (the demo: on the cpu in float32); returns it and the adapter's name."""
     if plan.demo:
         from .demo import demo_personalizer
 
+        p = demo_personalizer(plan.spec.name if plan.checkpoint is None else None)
+        p.encoders.face_options = dict(faces or {})
         if plan.checkpoint is None:
-            p = demo_personalizer(plan.spec.name)
             return p, p.adapters[0].name
-        p = demo_personalizer(None)
         return p, p.load_adapter(plan.checkpoint, spec=plan.spec)
     from .personalizer import Personalizer
 
     assert plan.checkpoint is not None and device is not None and dtype is not None
     p = Personalizer.from_pretrained(plan.model, torch_dtype=dtype, device=device)
+    p.encoders.face_options = dict(faces or {})
     return p, p.load_adapter(plan.checkpoint, spec=plan.spec)
 
 
@@ -357,7 +370,7 @@ def encode_references(plan: Plan, references: list[Path], args: argparse.Namespa
                        device: torch.device | None, dtype: torch.dtype | None) -> Subject:
     """Run only the image encoder(s) the adapter needs (the text-to-image model is not loaded)."""
     if plan.demo:
-        p, name = load_personalizer(plan, None, None)
+        p, name = load_personalizer(plan, None, None, face_options(args))
         return p.encode(references, adapter=name, combine=args.combine, crop=args.crop, face_index=args.face_index)
     import torch
 
@@ -365,5 +378,5 @@ def encode_references(plan: Plan, references: list[Path], args: argparse.Namespa
 
     assert device is not None and dtype is not None
     with torch.no_grad():
-        return encode_subject(EncoderSet(device, dtype), plan.spec, references, combine=args.combine, crop=args.crop,
+        return encode_subject(EncoderSet(device, dtype, face_options(args)), plan.spec, references, combine=args.combine, crop=args.crop,
                               face_index=args.face_index)

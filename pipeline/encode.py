@@ -7,14 +7,14 @@ on the aligned face crop"; every other variant asks one encoder for one feature.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from PIL import Image
 
 from ..adapters.spec import ENCODERS, AdapterSpec, EncoderSpec, encoder_of
-from ..encoders.prepare import CropMode, load_image
+from ..encoders.prepare import CropMode, load_reference
 from ..errors import LookalikeError
 from ..weights.io import check_encoder
 from .subject import Subject, file_sha256
@@ -26,10 +26,10 @@ class EncoderSet:
     """The image encoders a Personalizer uses, loaded on first need (or given by the caller)."""
 
     def __init__(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 face_root: str | os.PathLike | None = None) -> None:
+                 face_options: Mapping[str, Any] | None = None) -> None:
         self.device = torch.device(device)
         self.dtype = dtype
-        self.face_root = face_root
+        self.face_options = dict(face_options or {})  # FaceEncoder.from_folder arguments (model_dir, detector...)
         self.by_name: dict[str, Any] = {}
         self.by_kind: dict[str, Any] = {}
 
@@ -57,7 +57,7 @@ class EncoderSet:
         if spec.kind == "face":
             from ..encoders.face import FaceEncoder
 
-            return FaceEncoder.from_folder(self.face_root)
+            return FaceEncoder.from_folder(**self.face_options)
         from ..encoders.clip import ClipImageEncoder
         from ..weights.hub import resolve_encoder_dir
 
@@ -70,7 +70,7 @@ def _load_all(images: Sequence[ImageSource] | ImageSource) -> tuple[list[Image.I
         images = [images]
     if len(images) == 0:
         raise LookalikeError("no reference image was given; pass at least one photo of the subject")
-    loaded = [load_image(img) for img in images]
+    loaded = [load_reference(img) for img in images]
     in_memory = [isinstance(img, Image.Image) for img in images]
     sources = ["" if mem else file_sha256(img) for img, mem in zip(images, in_memory)]
     return loaded, sources

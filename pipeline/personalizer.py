@@ -47,11 +47,11 @@ class Personalizer:
     """
 
     def __init__(self, pipe: Any, *, backend: str = "sdpa", image_encoder: Any = None,
-                 face_encoder: Any = None, face_root: str | os.PathLike | None = None) -> None:
+                 face_encoder: Any = None, face_options: Mapping[str, Any] | None = None) -> None:
         if not hasattr(pipe, "unet"):
             raise LookalikeError("Personalizer needs a diffusers pipeline with a UNet (SD1.5 or SDXL)")
         self.pipe = pipe
-        self.encoders = EncoderSet(pipe.unet.device, pipe.unet.dtype, face_root)
+        self.encoders = EncoderSet(pipe.unet.device, pipe.unet.dtype, face_options)
         clip = image_encoder if image_encoder is not None else getattr(pipe, "image_encoder", None)
         for encoder in (clip, face_encoder):
             if encoder is not None:

@@ -73,3 +73,37 @@ def random_adapter(spec: AdapterSpec, pipe, seed: int = 0, lora: bool = False) -
 
 
 VARIANTS = sorted(REGISTRY)
+
+
+class TinyArcFace(torch.nn.Module):
+    """ArcFace-shaped: (B, 3, 112, 112) normalised pixels -> (B, 512) embedding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, kernel_size=8, stride=8)
+        self.fc = torch.nn.Linear(8 * 14 * 14, 512)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(torch.relu(self.conv(x)), 1))  # (B, 512)
+
+
+def export_onnx(module: torch.nn.Module, example: torch.Tensor, path: Path, outputs: list[str],
+                batch: bool) -> Path:
+    """Export a module to ONNX with the legacy exporter (no onnxscript needed)."""
+    axes = {"data": {0: "batch"}, outputs[0]: {0: "batch"}} if batch else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module.eval(), (example,), str(path), input_names=["data"], output_names=outputs,
+                          dynamic_axes=axes, dynamo=False)
+    return path
+
+
+def tiny_arcface_pack(folder: Path, seed: int = 0) -> Path:
+    """A folder holding a seeded tiny ArcFace as w600k_r50.onnx (use with the YuNet detector)."""
+    torch.manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    export_onnx(TinyArcFace(), torch.zeros(1, 3, 112, 112), folder / "w600k_r50.onnx", ["fc1"], batch=True)
+    return folder
+
+
+YUNET = SHARED / "models" / "yunet" / "face_detection_yunet.onnx"

@@ -20,6 +20,9 @@ from lookalike.encoders.base import ImageEncoder
 from lookalike.encoders.face import FaceEncoder, model_folder
 from lookalike.errors import LookalikeError
 
+from helpers import TinyArcFace
+from helpers import export_onnx as _export
+
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 YUNET = SHARED / "models" / "yunet" / "face_detection_yunet.onnx"
 TEAPOT = SHARED / "data" / "dreambench" / "teapot" / "00.jpg"
@@ -30,18 +33,6 @@ ASTRONAUT_BOX = np.array([179.0, 63.0, 270.0, 174.0], np.float32)
 ASTRONAUT_KPS = np.array(
     [[201.5, 105.0], [245.2, 104.9], [220.7, 127.1], [203.9, 145.2], [242.4, 145.0]], np.float32
 )
-
-
-class TinyArcFace(nn.Module):
-    """ArcFace-shaped: (B, 3, 112, 112) normalised pixels -> (B, 512) embedding."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, kernel_size=8, stride=8)
-        self.fc = nn.Linear(8 * 14 * 14, 512)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(torch.relu(self.conv(x)), 1))  # (B, 512)
 
 
 class FakeSCRFD(nn.Module):
@@ -55,16 +46,6 @@ class FakeSCRFD(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         zero = x.mean() * 0.0
         return tuple(buffer + zero for buffer in self.buffers())
-
-
-def _export(module: nn.Module, example: torch.Tensor, path: Path, outputs: list[str], batch: bool) -> Path:
-    """Export a module to ONNX with the legacy exporter (no onnxscript needed)."""
-    axes = {"data": {0: "batch"}, outputs[0]: {0: "batch"}} if batch else None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module.eval(), (example,), str(path), input_names=["data"], output_names=outputs,
-                          dynamic_axes=axes, dynamo=False)
-    return path
 
 
 def _scrfd_outputs(box: np.ndarray, kps: np.ndarray, scale: float, size: int = 640) -> list[np.ndarray]:
