@@ -17,55 +17,12 @@ import time
 from typing import Any
 
 import torch
+from common import full_pipeline
 
 from lookalike import Personalizer
 from lookalike.adapters.module import IPAdapter
 from lookalike.adapters.spec import REGISTRY
 from lookalike.weights.io import official_state_dict
-
-
-def full_pipeline(base: str, tiny: bool) -> Any:
-    """A diffusers text-to-image pipeline with the real architecture and random weights."""
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        StableDiffusionPipeline,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    from lookalike.pipeline.tiny import tiny_pipeline, tiny_tokenizer
-
-    if tiny:
-        return tiny_pipeline(base)
-    torch.manual_seed(0)
-    tok = tiny_tokenizer()
-    sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
-                          clip_sample=False, set_alpha_to_one=False)
-    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-
-    def text(hidden: int, layers: int, proj: bool = False) -> Any:
-        cfg = CLIPTextConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=4 * hidden,
-                             num_hidden_layers=layers, num_attention_heads=hidden // 64, projection_dim=1280,
-                             bos_token_id=len(tok) - 2, eos_token_id=len(tok) - 1, pad_token_id=len(tok) - 1)
-        return (CLIPTextModelWithProjection if proj else CLIPTextModel)(cfg)
-
-    if base == "sd15":
-        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
-        return StableDiffusionPipeline(vae=vae, text_encoder=text(768, 12), tokenizer=tok, unet=unet,
-                                       scheduler=sched, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
-    unet = UNet2DConditionModel(
-        sample_size=128, cross_attention_dim=2048, block_out_channels=(320, 640, 1280),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2, 10),
-        attention_head_dim=(5, 10, 20), use_linear_projection=True, addition_embed_type="text_time",
-        addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
-    return StableDiffusionXLPipeline(vae=vae, text_encoder=text(768, 12), tokenizer=tok,
-                                     text_encoder_2=text(1280, 32, proj=True), tokenizer_2=tok, unet=unet,
-                                     scheduler=sched)
 
 
 def plus_adapter(pipe: Any, base: str, tiny: bool) -> tuple[IPAdapter, torch.Tensor]:
