@@ -12,7 +12,7 @@ from their configs with random weights (seeded); a character-level tokenizer sta
 Each arm runs in its own process, so each peak RSS (``resource.getrusage`` ru_maxrss) is its own.
 
     python bench/train_throughput.py                # 256 px, batch 2, 1 warm-up + 3 timed steps per arm
-    python bench/train_throughput.py --live         # also lookalike without the cache (same work as official)
+    python bench/train_throughput.py --arms official,live   # lookalike without the cache (same work as official)
 """
 
 from __future__ import annotations
@@ -28,6 +28,10 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 DREAMBENCH = ROOT.parent / "shared" / "data" / "dreambench"
@@ -87,54 +91,59 @@ def write_data(folder: Path, count: int) -> Path:
 
 
 # -- the official loop (structure of tutorial_train.py) --------------------------------------------------------
-def official_modules(unet: Any) -> tuple[Any, Any]:
+class ImageProjModel(nn.Module):
+    """The official basic projector: pooled embedding -> 4 tokens (linear + LayerNorm)."""
+
+    def __init__(self, cross: int, embed: int, tokens: int = 4) -> None:
+        super().__init__()
+        self.tokens, self.cross = tokens, cross
+        self.proj, self.norm = nn.Linear(embed, tokens * cross), nn.LayerNorm(cross)
+
+    def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(image_embeds).reshape(-1, self.tokens, self.cross))  # (B, T, C)
+
+
+class IPAttnProcessor(nn.Module):
+    """The official decoupled cross-attention: image tokens ride at the end of the text context, split off here."""
+
+    def __init__(self, hidden: int, cross: int, tokens: int = 4) -> None:
+        super().__init__()
+        self.tokens = tokens
+        self.to_k_ip, self.to_v_ip = nn.Linear(cross, hidden, bias=False), nn.Linear(cross, hidden, bias=False)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+        b, heads = hidden_states.shape[0], attn.heads
+        end = encoder_hidden_states.shape[1] - self.tokens
+        text, ip = encoder_hidden_states[:, :end], encoder_hidden_states[:, end:]
+        q = attn.to_q(hidden_states)
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.view(b, -1, heads, t.shape[-1] // heads).transpose(1, 2)  # (B, heads, L, d)
+
+        out = F.scaled_dot_product_attention(split(q), split(attn.to_k(text)), split(attn.to_v(text)))
+        ip_out = F.scaled_dot_product_attention(split(q), split(self.to_k_ip(ip)), split(self.to_v_ip(ip)))
+        out = (out + ip_out).transpose(1, 2).reshape(b, -1, q.shape[-1])
+        return attn.to_out[1](attn.to_out[0](out)) / attn.rescale_output_factor
+
+
+class OfficialIPAdapter(nn.Module):
+    """The official training wrapper: projector, UNet with the processors, image tokens appended to the text."""
+
+    def __init__(self, unet: nn.Module, image_proj: nn.Module, adapter_modules: nn.ModuleList) -> None:
+        super().__init__()
+        self.unet, self.image_proj_model, self.adapter_modules = unet, image_proj, adapter_modules
+
+    def forward(self, noisy_latents, timesteps, encoder_hidden_states, image_embeds):
+        ip_tokens = self.image_proj_model(image_embeds)
+        encoder_hidden_states = torch.cat([encoder_hidden_states, ip_tokens], dim=1)
+        return self.unet(noisy_latents, timesteps, encoder_hidden_states).sample
+
+
+def official_modules(unet: nn.Module) -> tuple[OfficialIPAdapter, list[nn.Parameter]]:
     """ImageProjModel + IPAttnProcessor on every cross-attention, to_k_ip/to_v_ip copied from to_k/to_v."""
-    import torch
-    import torch.nn.functional as F
     from diffusers.models.attention_processor import AttnProcessor2_0
-    from torch import nn
 
-    class ImageProjModel(nn.Module):
-        def __init__(self, cross: int, embed: int, tokens: int = 4) -> None:
-            super().__init__()
-            self.tokens, self.cross = tokens, cross
-            self.proj, self.norm = nn.Linear(embed, tokens * cross), nn.LayerNorm(cross)
-
-        def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
-            return self.norm(self.proj(image_embeds).reshape(-1, self.tokens, self.cross))
-
-    class IPAttnProcessor(nn.Module):
-        def __init__(self, hidden: int, cross: int, tokens: int = 4) -> None:
-            super().__init__()
-            self.tokens = tokens
-            self.to_k_ip, self.to_v_ip = nn.Linear(cross, hidden, bias=False), nn.Linear(cross, hidden, bias=False)
-
-        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
-            b = hidden_states.shape[0]
-            end = encoder_hidden_states.shape[1] - self.tokens
-            text, ip = encoder_hidden_states[:, :end], encoder_hidden_states[:, end:]
-            q = attn.to_q(hidden_states)
-            heads = attn.heads
-
-            def split(t: torch.Tensor) -> torch.Tensor:
-                return t.view(b, -1, heads, t.shape[-1] // heads).transpose(1, 2)
-
-            out = F.scaled_dot_product_attention(split(q), split(attn.to_k(text)), split(attn.to_v(text)))
-            ip_out = F.scaled_dot_product_attention(split(q), split(self.to_k_ip(ip)), split(self.to_v_ip(ip)))
-            out = (out + ip_out).transpose(1, 2).reshape(b, -1, q.shape[-1])
-            return attn.to_out[1](attn.to_out[0](out)) / attn.rescale_output_factor
-
-    class IPAdapter(nn.Module):
-        def __init__(self, unet, image_proj, adapter_modules) -> None:
-            super().__init__()
-            self.unet, self.image_proj_model, self.adapter_modules = unet, image_proj, adapter_modules
-
-        def forward(self, noisy_latents, timesteps, encoder_hidden_states, image_embeds):
-            ip_tokens = self.image_proj_model(image_embeds)
-            encoder_hidden_states = torch.cat([encoder_hidden_states, ip_tokens], dim=1)
-            return self.unet(noisy_latents, timesteps, encoder_hidden_states).sample
-
-    procs = {}
+    procs: dict[str, Any] = {}
     for name in unet.attn_processors:
         attn = unet.get_submodule(name.removesuffix(".processor"))
         if name.endswith("attn1.processor"):
@@ -143,9 +152,10 @@ def official_modules(unet: Any) -> tuple[Any, Any]:
             procs[name] = IPAttnProcessor(attn.to_k.out_features, unet.config.cross_attention_dim)
             procs[name].load_state_dict({"to_k_ip.weight": attn.to_k.weight, "to_v_ip.weight": attn.to_v.weight})
     unet.set_attn_processor(procs)
-    adapter_modules = torch.nn.ModuleList(p for p in unet.attn_processors.values() if isinstance(p, nn.Module))
+    adapter_modules = nn.ModuleList(p for p in unet.attn_processors.values() if isinstance(p, nn.Module))
     image_proj = ImageProjModel(unet.config.cross_attention_dim, 1024)
-    return IPAdapter(unet, image_proj, adapter_modules), [*image_proj.parameters(), *adapter_modules.parameters()]
+    params = [*image_proj.parameters(), *adapter_modules.parameters()]
+    return OfficialIPAdapter(unet, image_proj, adapter_modules), params
 
 
 class OfficialDataset:
@@ -165,7 +175,6 @@ class OfficialDataset:
         import random
 
         import numpy as np
-        import torch
         from PIL import Image
 
         item = self.items[i]
@@ -191,8 +200,6 @@ class OfficialDataset:
 
 
 def collate(data: list[dict[str, Any]]) -> dict[str, Any]:
-    import torch
-
     return {"images": torch.stack([d["image"] for d in data]),
             "text_input_ids": torch.cat([d["text_input_ids"] for d in data]),
             "clip_images": torch.cat([d["clip_image"] for d in data]),
@@ -203,8 +210,6 @@ def run_official(args: argparse.Namespace, data: Path) -> dict[str, Any]:
     """The official training loop, step for step (fp32, CPU, accelerate)."""
     import itertools
 
-    import torch
-    import torch.nn.functional as F
     from accelerate import Accelerator
 
     from lookalike.pipeline.tiny import tiny_tokenizer
@@ -249,8 +254,6 @@ def run_official(args: argparse.Namespace, data: Path) -> dict[str, Any]:
 # -- lookalike -----------------------------------------------------------------------------------------
 def lookalike_models(with_encoders: bool) -> Any:
     """Frozen full-size models for lookalike's train(): the UNet alone when the cache replaces the encoders."""
-    import torch
-
     from lookalike.encoders.clip import ClipImageEncoder
     from lookalike.pipeline.tiny import tiny_tokenizer
     from lookalike.training.models import Models
@@ -292,7 +295,6 @@ ARMS = {"official": "official loop (tutorial_train.py structure)", "live": "look
 def worker(args: argparse.Namespace) -> None:
     import diffusers  # noqa: F401  (imports first: the baseline is the RSS of a process ready to build models)
     import psutil
-    import torch
     import transformers  # noqa: F401
 
     import lookalike.training.loop  # noqa: F401
@@ -335,7 +337,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3, help="timed steps per arm (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed first steps per arm")
     p.add_argument("--threads", type=int, default=1, help="torch threads per arm (1: steady CPU-time figures)")
-    p.add_argument("--live", action="store_true", help="also time lookalike without the cache")
+    p.add_argument("--arms", default="official,build,cache",
+                   help="comma-separated, in order, from: " + ", ".join(ARMS) + " (live: lookalike without the cache)")
     p.add_argument("--worker", choices=tuple(ARMS), help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     p.add_argument("--json-out", help=argparse.SUPPRESS)
@@ -347,7 +350,9 @@ def main() -> None:
         work = Path(tmp)
         (work / "data").mkdir()
         write_data(work / "data", (args.warmup + args.steps) * args.batch_size)
-        arms = ["official", "build", "cache"] + (["live"] if args.live else [])
+        arms = [a for a in args.arms.split(",") if a]
+        if "cache" in arms and "build" not in arms:
+            arms.insert(arms.index("cache"), "build")  # the cache arm trains from what build wrote
         rows = {arm: run_arm(arm, args, work) for arm in arms}
     report(rows, args, (load, os.getloadavg()[0]))
 
@@ -361,12 +366,17 @@ def report(rows: dict[str, dict[str, Any]], args: argparse.Namespace, load: tupl
     for r in rows.values():
         print(f"{r['arm']:44s} {r['samples_per_s']:10.3f} {r['step_s']:8.2f} {r['samples_per_cpu_s']:14.3f} "
               f"{r['peak_rss_gb']:12.2f} {r['peak_above_imports_gb']:14.2f}")
-    speed = rows["cache"]["samples_per_s"] / rows["official"]["samples_per_s"]
-    cpu = rows["cache"]["samples_per_cpu_s"] / rows["official"]["samples_per_cpu_s"]
-    memory = rows["cache"]["peak_rss_gb"] / rows["official"]["peak_rss_gb"]
-    print(f"lookalike (cache) / official: {speed:.2f}x samples/s wall, {cpu:.2f}x samples per CPU-second "
-          f"(goal >= 1.3x), {memory:.2f}x peak RSS (goal <= 1)")
-    print(json.dumps({"speedup": speed, "cpu_speedup": cpu, "memory_ratio": memory, "rows": rows}))
+    ratios = {}
+    for arm in ("cache", "live"):
+        if arm in rows and "official" in rows:
+            a, o = rows[arm], rows["official"]
+            ratios[arm] = {"speedup": a["samples_per_s"] / o["samples_per_s"],
+                           "cpu_speedup": a["samples_per_cpu_s"] / o["samples_per_cpu_s"],
+                           "memory_ratio": a["peak_rss_gb"] / o["peak_rss_gb"]}
+            r = ratios[arm]
+            print(f"{a['arm']} / official: {r['speedup']:.2f}x samples/s wall, {r['cpu_speedup']:.2f}x samples "
+                  f"per CPU-second, {r['memory_ratio']:.2f}x peak RSS" + (" (goals: >= 1.3x, <= 1)" if arm == "cache" else ""))
+    print(json.dumps({"ratios": ratios, "rows": rows}))
 
 
 if __name__ == "__main__":

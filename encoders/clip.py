@@ -124,7 +124,7 @@ class ClipImageEncoder:
     def encode(self, images: Sequence[Image.Image], *, crop: CropMode = "center") -> Features:
         """Encode N images: "pooled" (N, projection_dim) and/or "patch" (N, 1 + patches, hidden_size)."""
         pixels = to_clip_pixels(images, self.image_size, self.mean, self.std, mode=crop)  # (N, 3, S, S)
-        return self._forward(pixels, self.kinds)
+        return self.encode_pixels(pixels, self.kinds)
 
     def encode_negative(self, n: int) -> Features:
         """Unconditional features: zeros for "pooled"; "patch" = the model run on zero normalised pixels."""
@@ -135,11 +135,11 @@ class ClipImageEncoder:
             features["pooled"] = torch.zeros(n, dim, device=self.device, dtype=self.dtype)  # (n, E)
         if "patch" in self.kinds:
             zeros = torch.zeros(1, 3, self.image_size, self.image_size)  # (1, 3, S, S), already normalised
-            patch = self._forward(zeros, ("patch",))["patch"]  # (1, T, H)
+            patch = self.encode_pixels(zeros, ("patch",))["patch"]  # (1, T, H)
             features["patch"] = patch.repeat(n, 1, 1)  # (n, T, H)
         return {kind: features[kind] for kind in self.kinds}
 
-    def _forward(self, pixels: torch.Tensor, kinds: Sequence[str]) -> Features:
+    def encode_pixels(self, pixels: torch.Tensor, kinds: Sequence[str]) -> Features:
         """Run the model once on normalised pixels (N, 3, S, S), returning only the kinds asked."""
         pixels = pixels.to(device=self.device, dtype=self.dtype)
         want_patch = "patch" in kinds

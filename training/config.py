@@ -1,0 +1,213 @@
+"""Flags -> :class:`TrainConfig`: the one description of a training run (IP-Adapter recipe defaults)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from ..adapters.spec import REGISTRY
+from ..errors import LookalikeError
+
+#: Projectors this trainer knows how to train (every projector of the registry).
+TRAINABLE_PROJECTORS = ("linear", "resampler", "mlp", "faceid", "faceid_plus")
+#: ``--base`` presets built in code with random weights (no download).
+DEMO_BASES = {"demo": "sd15", "demo-sdxl": "sdxl"}
+SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+PRECISIONS = ("no", "fp16", "bf16")
+CACHE_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def adapter_choices() -> list[str]:
+    """Registry names and short names of every variant whose projector can be trained."""
+    names = set()
+    for spec in REGISTRY.values():
+        if spec.projector in TRAINABLE_PROJECTORS:
+            names.add(spec.name)
+            if spec.short_name:
+                names.add(spec.short_name)
+    return sorted(names)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; the defaults are the IP-Adapter paper's recipe where it has one."""
+
+    data: str
+    output: str
+    base: str = "demo"
+    adapter: str = "basic"
+    image_encoder: str | None = None
+    data_root: str | None = None
+    steps: int = 1000
+    batch_size: int = 8
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    resolution: int | None = None  # None: 512 (sd15), 1024 (sdxl), 32 (demo)
+    crop: str = "center"
+    grad_accum: int = 1
+    max_grad_norm: float = 0.0  # 0: no clipping (the official scripts clip nothing)
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    ema_decay: float = 0.0  # 0: no EMA
+    noise_offset: float = 0.0
+    drop_image: float = 0.05
+    drop_text: float = 0.05
+    drop_both: float = 0.05
+    mixed_precision: str = "no"
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    resume: str | None = None
+    init_from: str | None = None
+    seed: int = 0
+    cache: str | None = None
+    build_cache: bool = False
+    cache_dtype: str = "float32"
+    validate_every: int = 0
+    num_validation: int = 4
+    validation_steps: int = 30
+    num_workers: int = 2
+    cpu: bool = False
+
+    def to_json(self) -> str:
+        """The config as JSON (saved in every checkpoint)."""
+        return json.dumps(asdict(self), sort_keys=True, indent=1)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+class FlagError(LookalikeError):
+    """A bad flag value; the CLI prints it as one ``error:`` line and exits 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises :class:`FlagError` instead of printing usage and exiting."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise FlagError(message)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
+    return value
+
+
+def _rate(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, not {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``lookalike-train`` command line."""
+    d = TrainConfig(data="", output="")
+    p = _Parser(prog="lookalike-train", description="Train an IP-Adapter-style adapter (projector and "
+                "to_k_ip/to_v_ip) on a frozen SD1.5 or SDXL model; one CPU to many GPUs through accelerate.")
+    g = p.add_argument_group("model")
+    g.add_argument("--base", default=d.base, help="hub id, local diffusers folder, 'demo' or 'demo-sdxl' "
+                   "(tiny random models built in code)")
+    g.add_argument("--image-encoder", help="CLIP image encoder hub id or folder (default: BASE/image_encoder "
+                   "when present, else the variant's encoder from h94/IP-Adapter)")
+    g.add_argument("--adapter", default=d.adapter, choices=adapter_choices(), metavar="VARIANT",
+                   help="registry variant (full or short name): " + ", ".join(adapter_choices()))
+    g.add_argument("--init-from", help="start from this adapter checkpoint (weights only; fresh optimizer)")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=True, help="JSON/JSONL list of {image_file, text}, a folder of images "
+                   "with .txt captions, or webdataset .tar shards (file, folder, glob or {000..009} pattern)")
+    g.add_argument("--data-root", help="folder that image_file paths are relative to (default: the JSON's)")
+    g.add_argument("--resolution", type=_positive, help="training size in pixels (default by base model)")
+    g.add_argument("--crop", default=d.crop, choices=("center", "random"))
+    g.add_argument("--num-workers", type=_non_negative, default=d.num_workers)
+    g.add_argument("--cache", help="folder of precomputed VAE latents, image features and text embeddings; "
+                   "built on first use")
+    g.add_argument("--build-cache", action="store_true", help="build the --cache folder and stop")
+    g.add_argument("--cache-dtype", default=d.cache_dtype, choices=CACHE_DTYPES)
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--output", required=True, help="run folder: checkpoint-STEP/, adapter.safetensors")
+    g.add_argument("--steps", type=_positive, default=d.steps, help="optimizer steps")
+    g.add_argument("--batch-size", type=_positive, default=d.batch_size, help="samples per process per step")
+    g.add_argument("--grad-accum", type=_positive, default=d.grad_accum, help="micro-batches per step")
+    g.add_argument("--lr", type=float, default=d.lr)
+    g.add_argument("--weight-decay", type=_non_negative_float, default=d.weight_decay)
+    g.add_argument("--max-grad-norm", type=_non_negative_float, default=d.max_grad_norm, help="0: no clipping")
+    g.add_argument("--lr-scheduler", default=d.lr_scheduler, choices=SCHEDULES)
+    g.add_argument("--lr-warmup-steps", type=_non_negative, default=d.lr_warmup_steps)
+    g.add_argument("--ema-decay", type=_rate, default=d.ema_decay, help="0: no EMA; e.g. 0.9999")
+    g.add_argument("--noise-offset", type=_non_negative_float, default=d.noise_offset)
+    g.add_argument("--drop-image", type=_rate, default=d.drop_image, help="per-sample image drop rate")
+    g.add_argument("--drop-text", type=_rate, default=d.drop_text, help="per-sample caption drop rate")
+    g.add_argument("--drop-both", type=_rate, default=d.drop_both, help="per-sample drop of both")
+    g.add_argument("--mixed-precision", default=d.mixed_precision, choices=PRECISIONS)
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--cpu", action="store_true", help="train on the CPU even where a GPU is present")
+    g = p.add_argument_group("checkpoints and validation")
+    g.add_argument("--checkpoint-every", type=_non_negative, default=d.checkpoint_every, help="0: only at the end")
+    g.add_argument("--keep-checkpoints", type=_positive, default=d.keep_checkpoints, help="keep the last K")
+    g.add_argument("--resume", help="'latest' (newest OUTPUT/checkpoint-STEP) or a checkpoint folder")
+    g.add_argument("--validate-every", type=_non_negative, default=d.validate_every, help="0: no validation")
+    g.add_argument("--num-validation", type=_non_negative, default=d.num_validation,
+                   help="held-out references (taken from the end of the data, never trained on)")
+    g.add_argument("--validation-steps", type=_positive, default=d.validation_steps, help="denoising steps")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """Command line -> checked :class:`TrainConfig` (raises :class:`FlagError` with one sentence)."""
+    ns = build_parser().parse_args(argv)
+    config = TrainConfig.from_dict({k: v for k, v in vars(ns).items()})
+    check_config(config)
+    return config
+
+
+def check_config(config: TrainConfig) -> None:
+    """Refuse combinations that cannot work, with one sentence each."""
+    if config.drop_image + config.drop_text + config.drop_both > 1.0:
+        raise FlagError("--drop-image + --drop-text + --drop-both must not exceed 1")
+    if config.lr <= 0:
+        raise FlagError(f"--lr must be positive, not {config.lr}")
+    if config.build_cache and not config.cache:
+        raise FlagError("--build-cache needs --cache DIR to write to")
+    if config.cache and config.crop == "random":
+        raise FlagError("--cache stores centre crops; drop --crop random or --cache")
+    if config.resume and config.resume != "latest" and not Path(config.resume).is_dir():
+        raise FlagError(f"--resume {config.resume}: no such checkpoint folder; pass 'latest' or a "
+                        f"checkpoint-STEP folder")
+    if config.init_from and not Path(config.init_from).is_file():
+        raise FlagError(f"--init-from {config.init_from}: no such file")
+    if config.resume and config.init_from:
+        raise FlagError("--resume and --init-from exclude each other: a resumed run has its own weights")
+    check_data_path(config.data)
+
+
+def check_data_path(data: str) -> None:
+    """The data path must exist (a file, a folder, or a shard pattern that matches files)."""
+    from .records import expand_shards
+
+    if any(c in data for c in "*?{"):
+        if not expand_shards(data):
+            raise FlagError(f"--data {data}: the pattern matches no files")
+        return
+    if not Path(data).expanduser().exists():
+        raise FlagError(f"--data {data}: no such file or folder")

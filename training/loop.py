@@ -1,0 +1,366 @@
+"""``train(config)``: build models, build data, build the optimizer, loop, export — on accelerate.
+
+One process or many (DDP, DeepSpeed ZeRO-2 through an accelerate config); the device and precision come
+from accelerate and the flags, never from hard-coded names.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..adapters.spec import AdapterSpec
+from .cache import CacheSource, build_cache, cache_constants, read_manifest
+from .checkpoint import EMA, TrainState, check_resumable, export_adapter, resume_folder, save_checkpoint
+from .config import DEMO_BASES, TrainConfig
+from .data import DrawSettings, ImageSource, SampleSource, SampleStream, make_loader
+from .models import (
+    Models,
+    base_family,
+    build_adapter,
+    fit_spec,
+    load_models,
+    move,
+    negative_features,
+    place,
+    resolve_spec,
+)
+from .records import Record, SkipSample, find_records, read_image
+from .step import AdapterTrainer, Constants, constants_from_models, loss_of, model_inputs
+from .validation import make_validation_set, save_grid, validation_images, validation_loss
+
+log = logging.getLogger("lookalike.train")
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class TrainResult:
+    """What a run did: per-step losses (mean over processes), skip counts, the exported file."""
+
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)  # wall time of each optimizer step
+    cpu_seconds: list[float] = field(default_factory=list)  # this process's CPU time of each step
+    skipped: dict[str, int] = field(default_factory=dict)
+    val_losses: dict[int, float] = field(default_factory=dict)
+    adapter_path: Path | None = None
+    cache_only: bool = False
+
+
+@dataclass
+class Run:
+    """The pieces of a run that the loop steps share."""
+
+    config: TrainConfig
+    accelerator: Any
+    models: Models
+    spec: AdapterSpec
+    consts: Constants
+    train_source: SampleSource
+    val_source: SampleSource | None
+    val_records: list[Record]
+    resolution: int
+
+
+def make_accelerator(config: TrainConfig) -> Any:
+    """accelerate's Accelerator for this run (CPU when asked or when no accelerator device exists)."""
+    from accelerate import Accelerator
+    from accelerate.utils import is_tensorboard_available
+
+    has_device = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+    trackers = "tensorboard" if is_tensorboard_available() else None
+    accelerator = Accelerator(cpu=config.cpu or not has_device, mixed_precision=config.mixed_precision,
+                              gradient_accumulation_steps=config.grad_accum, log_with=trackers,
+                              project_dir=config.output)
+    if not accelerator.is_main_process:
+        log.setLevel(logging.WARNING)
+    return accelerator
+
+
+def default_resolution(config: TrainConfig, family: str) -> int:
+    if config.resolution:
+        return config.resolution
+    return 32 if config.base in DEMO_BASES else {"sd15": 512, "sdxl": 1024}[family]
+
+
+def split_records(records: list[Record], held_out: int) -> tuple[list[int], list[int]]:
+    """Training and held-out record indices: the last ``held_out`` records are for validation only."""
+    if held_out and len(records) <= 2 * held_out:
+        log.warning("only %d records: none held out for validation (needs more than %d)", len(records), 2 * held_out)
+        held_out = 0
+    cut = len(records) - held_out
+    return list(range(cut)), list(range(cut, len(records)))
+
+
+def image_source(run_models: Models, records: list[Record], spec: AdapterSpec, resolution: int,
+                 config: TrainConfig) -> ImageSource:
+    enc = run_models.image_encoder
+    extra = {} if enc is None else {"clip_size": enc.image_size, "clip_mean": enc.mean, "clip_std": enc.std}
+    return ImageSource(records, resolution, spec.features, run_models.tokenizers, random_crop=config.crop == "random",
+                       face_normed=spec.face_normed, **extra)
+
+
+def fingerprint(config: TrainConfig, spec: AdapterSpec, resolution: int, records: int) -> dict[str, Any]:
+    """What a cache depends on; a cache built with anything else is refused."""
+    return {"base": config.base, "features": list(spec.features), "image_encoder": config.image_encoder or "default",
+            "resolution": resolution, "data": str(Path(config.data).expanduser().resolve()), "records": records,
+            "dtype": config.cache_dtype, "face_normed": spec.face_normed}
+
+
+def build_run(config: TrainConfig, accelerator: Any, models: Models | None = None) -> Run | None:
+    """Models (loaded, or the ones given), constants and data sources (building the cache when asked);
+    None after ``--build-cache``."""
+    family = base_family(config.base)
+    spec = resolve_spec(config.adapter, family)
+    records = find_records(config.data, config.data_root)
+    resolution = default_resolution(config, family)
+    train_idx, val_idx = split_records(records, config.num_validation)
+    folder = Path(config.cache) if config.cache else None
+    stamp = fingerprint(config, spec, resolution, len(records))
+    manifest = read_manifest(folder, stamp) if folder else None
+    if models is None:
+        models, spec = load_models(config, spec.name, need_encoders=folder is None or manifest is None)
+    dtype = DTYPES[config.mixed_precision]
+    place(models, accelerator.device, dtype)
+    if folder is None or manifest is None:
+        consts = constants_from_models(models, negative_features(models, spec))
+    if folder is not None:
+        if manifest is None:
+            log.info("building the cache in %s (%d records)", folder, len(records))
+            manifest = build_cache(accelerator, models, image_source(models, records, spec, resolution, config),
+                                   consts, folder, stamp, config.batch_size, config.num_workers,
+                                   getattr(torch, config.cache_dtype))
+            if config.build_cache:
+                return None
+            models.vae, models.text_encoders, models.image_encoder = None, [], None  # the cache replaces them
+            gc.collect()
+        consts = cache_constants(folder, manifest)
+        train_source: SampleSource = CacheSource.open(folder, manifest, train_idx)
+        cached_val = CacheSource.open(folder, manifest, val_idx)
+        val_source: SampleSource | None = cached_val if len(cached_val) else None
+        val_idx = cached_val.indices  # held-out references the cache could read
+    else:
+        train_source = image_source(models, [records[i] for i in train_idx], spec, resolution, config)
+        val_source = image_source(models, [records[i] for i in val_idx], spec, resolution, config) if val_idx else None
+    return Run(config, accelerator, models, spec, consts, train_source, val_source, [records[i] for i in val_idx],
+               resolution)
+
+
+def draw_settings(run: Run) -> DrawSettings:
+    c = run.config
+    if run.models.vae is not None:
+        factor = 2 ** (len(run.models.vae.config.block_out_channels) - 1)
+        shape = (run.models.vae.config.latent_channels, run.resolution // factor, run.resolution // factor)
+    else:
+        shape = tuple(run.train_source.load(0, torch.zeros(2))["latent_mean"].shape)
+    return DrawSettings(shape, run.models.noise_scheduler.config.num_train_timesteps,  # type: ignore[arg-type]
+                        c.drop_image, c.drop_text, c.drop_both, c.noise_offset)
+
+
+def build_trainer(run: Run) -> tuple[AdapterTrainer, Any, Any, AdapterSpec]:
+    """The trainable adapter (sized to the models), AdamW and the learning-rate schedule."""
+    from diffusers.optimization import get_scheduler
+
+    c = run.config
+    dims = {k: int(v.shape[-1]) for k, v in run.consts.negatives.items()}
+    spec = fit_spec(run.spec, dims, run.models.unet.config.cross_attention_dim)
+    adapter = build_adapter(spec, run.models.unet, c.seed, c.init_from).to(run.accelerator.device)
+    trainer = AdapterTrainer(adapter, run.models.unet)
+    optimizer = torch.optim.AdamW(adapter.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+    schedule = get_scheduler(c.lr_scheduler, optimizer, num_warmup_steps=c.lr_warmup_steps, num_training_steps=c.steps)
+    n = sum(p.numel() for p in adapter.parameters())
+    log.info("training %s: %.2fM parameters (projector + to_k_ip/to_v_ip); everything else frozen", spec.name, n / 1e6)
+    return trainer, optimizer, schedule, spec
+
+
+def _sum_skips(accelerator: Any, state: TrainState, new: Counter) -> None:
+    """Add every process's new skip counts into the shared state (a collective call)."""
+    from accelerate.utils import gather_object
+
+    total = Counter(state.skipped)
+    for counts in gather_object([dict(new)]):
+        total.update(counts)
+    state.skipped = dict(total)
+    new.clear()
+
+
+def _note_skips(skipped: list[tuple[str, str, str]], new: Counter, seen: set) -> None:
+    for reason, key, detail in skipped:
+        new[reason] += 1
+        if key not in seen:
+            seen.add(key)
+            log.warning("skipped %s: %s", key, detail)
+
+
+def _micro_step(run: Run, trainer: Any, optimizer: Any, batch: dict[str, Any]) -> torch.Tensor:
+    acc, c = run.accelerator, run.config
+    with acc.accumulate(trainer):
+        loss = loss_of(trainer, model_inputs(run.models, run.consts, batch, acc.device))
+        acc.backward(loss)
+        if acc.sync_gradients and c.max_grad_norm > 0:
+            acc.clip_grad_norm_(trainer.parameters(), c.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def _validate(run: Run, trainer: Any, vset: Any, state: TrainState, result: TrainResult) -> None:
+    """Held-out loss (and images) on the main process."""
+    acc, c = run.accelerator, run.config
+    model = acc.unwrap_model(trainer)
+    with acc.autocast():
+        loss = validation_loss(model, run.models, run.consts, vset, acc.device)
+        result.val_losses[state.step] = loss
+        acc.log({"val_loss": loss}, step=state.step)
+        log.info("step %d: held-out loss %.5f", state.step, loss)
+        vae = run.models.vae or move(load_vae(c), acc.device, DTYPES[c.mixed_precision])
+        run.models.vae = vae
+        images = validation_images(model, run.models, run.consts, vset, vae, c.validation_steps, run.resolution,
+                                   c.seed)
+    save_grid(vset.references, images, Path(c.output) / "validation" / f"step-{state.step:06d}.png")
+
+
+def load_vae(config: TrainConfig) -> torch.nn.Module:
+    """The VAE alone (validation images when the cache replaced it)."""
+    from diffusers import AutoencoderKL
+
+    from ..pipeline.tiny import tiny_vae
+
+    vae = tiny_vae(0) if config.base in DEMO_BASES else AutoencoderKL.from_pretrained(config.base, subfolder="vae")
+    return vae.eval().requires_grad_(False)
+
+
+def _reference_images(records: list[Record]) -> list[Any]:
+    images = []
+    for r in records:
+        try:
+            images.append(read_image(r.image))
+        except SkipSample:
+            images.append(None)
+    return images
+
+
+def train(config: TrainConfig, models: Models | None = None) -> TrainResult:
+    """Run the training the config describes; returns what it did. ``models``: frozen models built by the
+    caller (e.g. full-size random ones in the benchmark) instead of loading ``config.base``."""
+    accelerator = make_accelerator(config)
+    from accelerate.utils import set_seed
+
+    set_seed(config.seed)
+    run = build_run(config, accelerator, models)
+    if run is None:
+        log.info("cache built in %s; train with --cache %s", config.cache, config.cache)
+        return TrainResult(steps=0, cache_only=True)
+    trainer, optimizer, schedule, _ = build_trainer(run)
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None:  # no DataLoader goes through prepare(), so DeepSpeed learns the batch size here
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = config.batch_size
+    trainer, optimizer = accelerator.prepare(trainer, optimizer)
+    state = TrainState()
+    adapter = accelerator.unwrap_model(trainer).adapter
+    ema = EMA(adapter.parameters(), config.ema_decay) if config.ema_decay else None
+    for obj in (state, schedule, ema):
+        if obj is not None:
+            accelerator.register_for_checkpointing(obj)
+    folder = resume_folder(config)
+    if folder is not None:
+        check_resumable(folder, config)
+        accelerator.load_state(str(folder))
+        log.info("resumed from %s at step %d", folder, state.step)
+    try:
+        return _loop(run, trainer, optimizer, schedule, ema, state)
+    finally:
+        accelerator.unwrap_model(trainer).handle.detach()
+        accelerator.end_training()
+
+
+class _Progress:
+    """The tqdm bar (loss, samples/s, lr, skipped), the tracker log and the per-step timings."""
+
+    def __init__(self, acc: Any, config: TrainConfig, state: TrainState) -> None:
+        from tqdm.auto import tqdm
+
+        self.acc, self.per_step = acc, config.batch_size * acc.num_processes * config.grad_accum
+        self.bar = tqdm(total=config.steps, initial=state.step, disable=not acc.is_main_process, desc="train",
+                        unit="step")
+        self.start, self.start_step, self.recent = time.perf_counter(), state.step, deque(maxlen=20)
+
+    def update(self, state: TrainState, loss: float, lr: float, skipped: int) -> None:
+        self.recent.append(loss)
+        rate = (state.step - self.start_step) * self.per_step / (time.perf_counter() - self.start)
+        self.bar.set_postfix(loss=f"{sum(self.recent) / len(self.recent):.4f}", samples_s=f"{rate:.2f}",
+                             lr=f"{lr:.2e}", skipped=skipped)
+        self.bar.update(1)
+        self.acc.log({"loss": loss, "lr": lr, "samples_per_s": rate}, step=state.step)
+
+
+def _step(run: Run, trainer: Any, optimizer: Any, loader: Any, state: TrainState, skips: Counter, seen: set) -> float:
+    """One optimizer step over ``grad_accum`` micro-batches; the loss averaged over them and all processes."""
+    acc, c = run.accelerator, run.config
+    losses = []
+    for _ in range(c.grad_accum):
+        batch = next(loader)
+        _note_skips(batch.pop("skipped"), skips, seen)
+        losses.append(_micro_step(run, trainer, optimizer, batch))
+        state.consumed += c.batch_size * acc.num_processes
+    state.step += 1
+    return float(acc.reduce(torch.stack(losses).mean(), reduction="mean"))
+
+
+def _loop(run: Run, trainer: Any, optimizer: Any, schedule: Any, ema: EMA | None,
+          state: TrainState) -> TrainResult:
+    """The optimisation loop: steps, progress, checkpoints, validation, then the export."""
+    acc, c = run.accelerator, run.config
+    settings = draw_settings(run)
+    vset = None
+    if acc.is_main_process and run.val_source is not None and c.validate_every:
+        vset = make_validation_set(run.val_source, c.seed, settings, _reference_images(run.val_records))
+    if acc.is_main_process:
+        acc.init_trackers("lookalike-train", config={k: v for k, v in vars(c).items() if v is not None})
+    stream = SampleStream(run.train_source, c.seed, settings)
+    loader = iter(make_loader(stream, state.consumed, c.batch_size, acc.process_index, acc.num_processes,
+                              c.num_workers))
+    adapter = acc.unwrap_model(trainer).adapter
+    info = {"base": c.base, "data": c.data, "seed": c.seed, "variant": run.spec.name}
+    result, skips, seen, progress = TrainResult(steps=state.step), Counter(), set(), _Progress(acc, c, state)
+    while state.step < c.steps:
+        began, began_cpu = time.perf_counter(), time.process_time()
+        loss = _step(run, trainer, optimizer, loader, state, skips, seen)
+        schedule.step()
+        if ema is not None:
+            ema.update(adapter.parameters())
+        result.losses.append(loss)
+        result.seconds.append(time.perf_counter() - began)
+        result.cpu_seconds.append(time.process_time() - began_cpu)
+        progress.update(state, loss, schedule.get_last_lr()[0], sum(state.skipped.values()) + sum(skips.values()))
+        last = state.step == c.steps
+        if last or (c.checkpoint_every and state.step % c.checkpoint_every == 0):
+            _sum_skips(acc, state, skips)
+            save_checkpoint(acc, c, state, adapter, ema, info)
+        if vset is not None and (last or state.step % c.validate_every == 0):
+            _validate(run, trainer, vset, state, result)
+    progress.bar.close()
+    return _finish(run, adapter, ema, state, result, info)
+
+
+def _finish(run: Run, adapter: Any, ema: EMA | None, state: TrainState, result: TrainResult,
+            info: dict[str, Any]) -> TrainResult:
+    acc, c = run.accelerator, run.config
+    acc.wait_for_everyone()
+    result.steps, result.skipped = state.step, dict(state.skipped)
+    path = Path(c.output) / "adapter.safetensors"
+    if acc.is_main_process:
+        export_adapter(adapter, ema, path, {**info, "step": state.step})
+        if state.skipped:
+            detail = ", ".join(f"{k} {v}" for k, v in sorted(state.skipped.items()))
+            log.warning("skipped %d samples in all (%s)", sum(state.skipped.values()), detail)
+        log.info("adapter written to %s", path)
+    result.adapter_path = path
+    return result

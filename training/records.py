@@ -1,0 +1,223 @@
+"""Training records from a JSON/JSONL list, a folder of images with ``.txt`` captions, or tar shards.
+
+A record only points at its files; reading happens per sample (:func:`read_image`, :func:`read_caption`,
+:func:`read_face_id`), and every unreadable piece raises :class:`SkipSample` with a short reason that the
+loader counts instead of stopping the run. Tar shards (webdataset layout: members grouped by the name
+before the first dot) are indexed once by member offset, so they are read with random access like files.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import re
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..encoders.prepare import load_image
+from ..errors import LookalikeError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+FACE_SUFFIXES = (".npy", ".pt", ".safetensors")
+
+
+class SkipSample(Exception):
+    """A sample that cannot be used; ``reason`` is what the run counts ("corrupt image", ...)."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class TarRef:
+    """One member of a tar shard, read by offset."""
+
+    shard: str
+    offset: int
+    size: int
+    name: str
+
+
+Ref = Union[Path, TarRef]
+
+
+@dataclass(frozen=True)
+class Record:
+    """One training sample: the target image (also the reference), its caption and optional face fields."""
+
+    key: str
+    image: Ref | None
+    text: str | Ref | None
+    face_id: Ref | None = None  # a 512-d ArcFace embedding file (.npy, .pt, .safetensors)
+    face_image: Ref | None = None  # the aligned face crop FaceID-Plus encodes with CLIP (default: image)
+    problem: str | None = None  # set when the record itself is unusable (e.g. not a JSON object)
+
+
+def read_bytes(ref: Ref) -> bytes:
+    """The bytes of a file or of a tar member."""
+    if isinstance(ref, TarRef):
+        with open(ref.shard, "rb") as f:
+            f.seek(ref.offset)
+            return f.read(ref.size)
+    return ref.read_bytes()
+
+
+def _missing(ref: Ref | None) -> bool:
+    return ref is None or (isinstance(ref, Path) and not ref.is_file())
+
+
+def read_image(ref: Ref | None) -> Image.Image:
+    """An upright RGB image, or :class:`SkipSample` ("missing file" / "corrupt image")."""
+    if _missing(ref):
+        raise SkipSample("missing file", str(ref))
+    try:
+        if isinstance(ref, TarRef):
+            with Image.open(io.BytesIO(read_bytes(ref))) as image:
+                image.load()
+                return load_image(image)
+        return load_image(ref)
+    except (LookalikeError, OSError, SyntaxError, ValueError) as exc:
+        raise SkipSample("corrupt image", f"{ref}: {exc}") from exc
+
+
+def read_caption(text: str | Ref | None) -> str:
+    """The caption, or :class:`SkipSample` ("empty caption" / "missing file")."""
+    if text is not None and not isinstance(text, str):
+        if _missing(text):
+            raise SkipSample("missing caption", str(text))
+        try:
+            text = read_bytes(text).decode("utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SkipSample("unreadable caption", f"{text}: {exc}") from exc
+    if text is None or not text.strip():
+        raise SkipSample("empty caption")
+    return text.strip()
+
+
+def read_face_id(ref: Ref | None, normed: bool = True) -> torch.Tensor:
+    """A 1-d ArcFace embedding (L2-normalised when ``normed``), or :class:`SkipSample`."""
+    if ref is None:
+        raise SkipSample("no face embedding")
+    if _missing(ref):
+        raise SkipSample("missing file", str(ref))
+    name = ref.name if isinstance(ref, TarRef) else ref.name
+    try:
+        data = read_bytes(ref)
+        if name.endswith(".npy"):
+            vec = torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False).astype(np.float32))
+        elif name.endswith(".safetensors"):
+            from safetensors.torch import load as load_st
+
+            vec = next(iter(load_st(data).values())).float()
+        else:
+            vec = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True).float()
+    except Exception as exc:  # any unreadable payload is one skipped sample, never the end of the run
+        raise SkipSample("bad face embedding", f"{ref}: {exc}") from exc
+    vec = vec.flatten()
+    if vec.numel() == 0 or not torch.isfinite(vec).all():
+        raise SkipSample("bad face embedding", str(ref))
+    return torch.nn.functional.normalize(vec, dim=0) if normed else vec
+
+
+def expand_shards(pattern: str) -> list[str]:
+    """Shard files of a ``{000..009}`` brace range and/or glob pattern, sorted."""
+    match = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
+    if match:
+        lo, hi = match.group(1), match.group(2)
+        names = [pattern[:match.start()] + str(i).zfill(len(lo)) + pattern[match.end():]
+                 for i in range(int(lo), int(hi) + 1)]
+        return sorted(f for name in names for f in (glob.glob(name) or []))
+    return sorted(glob.glob(pattern))
+
+
+def find_records(data: str, root: str | None = None) -> list[Record]:
+    """Every record of a dataset, in a fixed order (the file's, or sorted names)."""
+    path = Path(data).expanduser()
+    if any(c in data for c in "*?{") or path.suffix == ".tar":
+        return tar_records(expand_shards(data) if any(c in data for c in "*?{") else [str(path)])
+    if path.is_dir():
+        shards = sorted(str(p) for p in path.glob("*.tar"))
+        return tar_records(shards) if shards else folder_records(path)
+    if path.suffix in (".json", ".jsonl"):
+        return json_records(path, Path(root).expanduser() if root else path.parent)
+    raise LookalikeError(f"--data {data}: use a .json/.jsonl list, a folder of images, or .tar shards")
+
+
+def _json_items(path: Path) -> list:
+    try:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".jsonl":
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        items = json.loads(text)
+    except (OSError, ValueError) as exc:
+        raise LookalikeError(f"cannot read {path}: {exc}; it must be valid JSON") from exc
+    if not isinstance(items, list):
+        raise LookalikeError(f"{path} must hold a JSON list of {{\"image_file\", \"text\"}} records")
+    return items
+
+
+def json_records(path: Path, root: Path) -> list[Record]:
+    """Records of a JSON list / JSON lines file; paths are relative to ``root``."""
+    records = []
+    for i, item in enumerate(_json_items(path)):
+        if not isinstance(item, dict):
+            records.append(Record(f"{path.name}:{i}", None, None, problem="malformed record"))
+            continue
+
+        def ref(field: str, item: dict = item) -> Path | None:
+            value = item.get(field)
+            return root / value if isinstance(value, str) and value else None
+
+        text = item.get("text", item.get("caption"))
+        records.append(Record(str(item.get("image_file", f"{path.name}:{i}")), ref("image_file"),
+                              text if isinstance(text, str) else None, ref("id_embed_file"), ref("face_image_file")))
+    return records
+
+
+def folder_records(folder: Path) -> list[Record]:
+    """Images anywhere under ``folder`` with a sidecar ``NAME.txt`` caption and optional ``NAME.npy`` face id."""
+    records = []
+    for image in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+        faces = [image.with_suffix(s) for s in FACE_SUFFIXES if image.with_suffix(s).is_file()]
+        records.append(Record(str(image.relative_to(folder)), image, image.with_suffix(".txt"),
+                              faces[0] if faces else None))
+    return records
+
+
+def _tar_groups(shard: str) -> Iterator[tuple[str, dict[str, TarRef]]]:
+    """(key, {extension: member}) per sample of a webdataset shard, in the shard's order."""
+    groups: dict[str, dict[str, TarRef]] = {}
+    try:
+        with tarfile.open(shard, "r:") as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                base = m.name.rsplit("/", 1)[-1]
+                stem, _, ext = base.partition(".")
+                key = m.name[: len(m.name) - len(base)] + stem
+                groups.setdefault(key, {})["." + ext.lower()] = TarRef(shard, m.offset_data, m.size, m.name)
+    except (tarfile.TarError, OSError) as exc:
+        raise LookalikeError(f"cannot index tar shard {shard}: {exc}; remove or repair it") from exc
+    yield from groups.items()
+
+
+def tar_records(shards: list[str]) -> list[Record]:
+    """Records of webdataset shards: image member, ``.txt`` caption, optional ``.npy`` face id."""
+    records = []
+    for shard in shards:
+        for key, members in _tar_groups(shard):
+            images = [members[s] for s in IMAGE_SUFFIXES if s in members]
+            faces = [members[s] for s in FACE_SUFFIXES if s in members]
+            caption = members.get(".txt") or members.get(".caption")
+            records.append(Record(f"{Path(shard).name}/{key}", images[0] if images else None, caption,
+                                  faces[0] if faces else None))
+    return records
