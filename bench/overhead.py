@@ -156,14 +156,15 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.runs):
         for key, fn in modes.items():
             times[key].append(timed(fn, args.device))
-    bare = statistics.median(times["bare"])
     print(f"device {args.device}, {args.dtype}, {'tiny' if args.tiny else 'SD1.5'} UNet, latents {args.latent}x"
-          f"{args.latent}, {args.steps} steps with guidance, {args.runs} interleaved runs, medians")
-    print(f"{'config':<10} {'bare s':>8} {'lookalike/bare':>15} {'diffusers/bare':>15}")
+          f"{args.latent}, {args.steps} steps with guidance, {args.runs} interleaved runs")
+    print(f"{'config':<10} {'bare s':>8} {'lookalike/bare':>15} {'diffusers/bare':>15}   (median; min in brackets)")
     for name in args.configs:
-        ours = statistics.median(times[f"lookalike {name}"]) / bare
-        theirs = statistics.median(times[f"diffusers {name}"]) / bare
-        print(f"{name:<10} {bare:>8.3f} {ours:>15.4f} {theirs:>15.4f}")
+        cells = []
+        for who in ("lookalike", "diffusers"):
+            ratio = {f: f(times[f"{who} {name}"]) / f(times["bare"]) for f in (statistics.median, min)}
+            cells.append(f"{ratio[statistics.median]:.4f} [{ratio[min]:.4f}]")
+        print(f"{name:<10} {statistics.median(times['bare']):>8.3f} {cells[0]:>15} {cells[1]:>15}")
     return 0
 
 
