@@ -68,9 +68,38 @@ class Inputs:
     steps: int
 
 
-def unet_steps(unet, inp: Inputs, **extra) -> None:
+def unet_steps(unet, inp: Inputs, watch: Stopwatch | None = None, **extra) -> None:
+    """The denoising loop's UNet calls; with a stopwatch, the cross-attention processors are timed too."""
+    restore = watch.time_attn2(unet) if watch is not None else None
     for i in range(inp.steps):
         unet(inp.latents, 999 - i * 10, inp.text, **extra)
+    if restore is not None:
+        unet.set_attn_processor(restore)
+
+
+class Stopwatch:
+    """Adds up the time spent in what an adapter changes: cross-attention processors and image projection."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.total = 0.0
+
+    def wrap(self, fn: Callable) -> Callable:
+        def timed_call(*args, **kwargs):
+            sync(self.device)
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            sync(self.device)
+            self.total += time.perf_counter() - start
+            return out
+
+        return timed_call
+
+    def time_attn2(self, unet) -> dict:
+        """Wrap every cross-attention processor in a timer; returns the processors to put back."""
+        procs = dict(unet.attn_processors)
+        unet.set_attn_processor({k: self.wrap(p) if ".attn2." in k else p for k, p in procs.items()})
+        return procs
 
 
 def sync(device: str) -> None:
@@ -78,7 +107,8 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def make_modes(unet, names: list[str], inp: Inputs, tiny: bool, device: str, dtype: torch.dtype):
+def make_modes(unet, names: list[str], inp: Inputs, tiny: bool, device: str, dtype: torch.dtype,
+               watches: dict[str, Stopwatch]):
     """Callables for one configuration: (lookalike generation, diffusers generation, cleanup)."""
     adapters, feats = [], []
     for i, name in enumerate(names):
@@ -91,20 +121,23 @@ def make_modes(unet, names: list[str], inp: Inputs, tiny: bool, device: str, dty
     original = dict(unet.attn_processors)
 
     def lookalike() -> None:
+        watch = watches["lookalike"]
         handle = attach_adapters(unet, adapters)
         inputs = []
         for a, f in zip(adapters, feats):
             key = a.spec.features[0]
-            tokens = a.project({key: f})  # once per generation
-            inputs.append(AdapterInput(tokens, a.project({key: torch.zeros_like(f)})))
+            project = watch.wrap(a.project)
+            tokens = project({key: f})  # once per generation
+            inputs.append(AdapterInput(tokens, project({key: torch.zeros_like(f)})))
         with handle.conditioned(inputs):
-            unet_steps(unet, inp)
+            unet_steps(unet, inp, watch)
         handle.detach()
 
     unet._load_ip_adapter_weights([official_state_dict(a) for a in adapters], low_cpu_mem_usage=False)
     unet.to(device=device, dtype=dtype)
     diffusers_procs = dict(unet.attn_processors)
     diffusers_proj = unet.encoder_hid_proj
+    diffusers_proj.forward = watches["diffusers"].wrap(diffusers_proj.forward)  # runs inside every UNet call
 
     def use_bare() -> None:  # the projection's own attention layers leave attn_processors with it
         unet.encoder_hid_proj, unet.config.encoder_hid_dim_type = None, None
@@ -114,7 +147,7 @@ def make_modes(unet, names: list[str], inp: Inputs, tiny: bool, device: str, dty
         unet.encoder_hid_proj, unet.config.encoder_hid_dim_type = diffusers_proj, "ip_image_proj"
         unet.set_attn_processor(dict(diffusers_procs))
         embeds = [torch.cat([torch.zeros_like(f), f]) for f in feats]
-        unet_steps(unet, inp, added_cond_kwargs={"image_embeds": embeds})
+        unet_steps(unet, inp, watches["diffusers"], added_cond_kwargs={"image_embeds": embeds})
         use_bare()
 
     use_bare()
@@ -146,16 +179,22 @@ def main(argv: list[str] | None = None) -> int:
     g = torch.Generator().manual_seed(0)
     inp = Inputs(torch.randn(2, 4, args.latent, args.latent, generator=g).to(args.device, dtype),
                  torch.randn(2, 77, unet.config.cross_attention_dim, generator=g).to(args.device, dtype), args.steps)
-    modes: dict[str, Callable[[], None]] = {"bare": lambda: unet_steps(unet, inp)}
+    watches = {"bare": Stopwatch(args.device)}
+    modes: dict[str, Callable[[], None]] = {"bare": lambda: unet_steps(unet, inp, watches["bare"])}
     for name in args.configs:
-        ours, theirs = make_modes(unet, CONFIGS[name], inp, args.tiny, args.device, dtype)
+        watches[f"lookalike {name}"], watches[f"diffusers {name}"] = Stopwatch(args.device), Stopwatch(args.device)
+        pair = {"lookalike": watches[f"lookalike {name}"], "diffusers": watches[f"diffusers {name}"]}
+        ours, theirs = make_modes(unet, CONFIGS[name], inp, args.tiny, args.device, dtype, pair)
         modes[f"lookalike {name}"], modes[f"diffusers {name}"] = ours, theirs
     for fn in modes.values():  # warm-up
         timed(fn, args.device)
     times: dict[str, list[float]] = {k: [] for k in modes}
+    parts: dict[str, list[float]] = {k: [] for k in modes}  # time in cross-attention + projection
     for _ in range(args.runs):
         for key, fn in modes.items():
+            watches[key].total = 0.0
             times[key].append(timed(fn, args.device))
+            parts[key].append(watches[key].total)
     print(f"device {args.device}, {args.dtype}, {'tiny' if args.tiny else 'SD1.5'} UNet, latents {args.latent}x"
           f"{args.latent}, {args.steps} steps with guidance, {args.runs} interleaved runs")
     print(f"{'config':<10} {'bare s':>8} {'lookalike/bare':>15} {'diffusers/bare':>15}   (median; min in brackets)")
@@ -165,6 +204,14 @@ def main(argv: list[str] | None = None) -> int:
             ratio = {f: f(times[f"{who} {name}"]) / f(times["bare"]) for f in (statistics.median, min)}
             cells.append(f"{ratio[statistics.median]:.4f} [{ratio[min]:.4f}]")
         print(f"{name:<10} {statistics.median(times['bare']):>8.3f} {cells[0]:>15} {cells[1]:>15}")
+    bare_total, bare_parts = statistics.median(times["bare"]), statistics.median(parts["bare"])
+    print("\nAttributed: time inside cross-attention processors + image projection per generation (s), and the")
+    print("ratio it implies: 1 + (adapter parts - bare parts) / bare generation time (low-noise estimate)")
+    print(f"{'config':<10} {'bare':>7} {'lookalike':>10} {'diffusers':>10} {'lookalike/bare':>15} {'diffusers/bare':>15}")
+    for name in args.configs:
+        ours, theirs = (statistics.median(parts[f"{w} {name}"]) for w in ("lookalike", "diffusers"))
+        print(f"{name:<10} {bare_parts:>7.3f} {ours:>10.3f} {theirs:>10.3f} "
+              f"{1 + (ours - bare_parts) / bare_total:>15.4f} {1 + (theirs - bare_parts) / bare_total:>15.4f}")
     return 0
 
 
