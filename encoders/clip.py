@@ -55,6 +55,7 @@ class ClipImageEncoder:
                 f"image mean and std need 3 values each (std > 0); got mean={mean}, std={std}"
             )
         self.kinds: tuple[str, ...] = check_kinds(kinds, CLIP_KINDS)
+        self._blank_cache: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
         self.model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
         self.image_size = model_size
         self.mean = tuple(float(v) for v in mean)
@@ -134,10 +135,16 @@ class ClipImageEncoder:
             dim = int(self.model.config.projection_dim)
             features["pooled"] = torch.zeros(n, dim, device=self.device, dtype=self.dtype)  # (n, E)
         if "patch" in self.kinds:
-            zeros = torch.zeros(1, 3, self.image_size, self.image_size)  # (1, 3, S, S), already normalised
-            patch = self.encode_pixels(zeros, ("patch",))["patch"]  # (1, T, H)
-            features["patch"] = patch.repeat(n, 1, 1)  # (n, T, H)
+            features["patch"] = self._blank_patch().repeat(n, 1, 1)  # (n, T, H)
         return {kind: features[kind] for kind in self.kinds}
+
+    def _blank_patch(self) -> torch.Tensor:
+        """The model on an all-zero normalised image, computed once per device and dtype (weights are frozen)."""
+        key = (self.device, self.dtype)
+        if key not in self._blank_cache:
+            zeros = torch.zeros(1, 3, self.image_size, self.image_size)  # (1, 3, S, S), already normalised
+            self._blank_cache[key] = self.encode_pixels(zeros, ("patch",))["patch"]  # (1, T, H)
+        return self._blank_cache[key]
 
     def encode_pixels(self, pixels: torch.Tensor, kinds: Sequence[str]) -> Features:
         """Run the model once on normalised pixels (N, 3, S, S), returning only the kinds asked."""
