@@ -14,10 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from ..errors import LookalikeError
-from ..weights.io import write_safetensors
+from ..weights.io import read_safetensors, write_safetensors
 
 FORMAT = "lookalike.subject/1"
 
@@ -69,12 +68,7 @@ class Subject:
         path = Path(path).expanduser()
         if not path.is_file():
             raise LookalikeError(f"no such subject file: {path}; create one with `lookalike encode`")
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                meta = dict(f.metadata() or {})
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise LookalikeError(f"cannot read subject {path}: not a valid safetensors file") from exc
+        tensors, meta = read_safetensors(path, "subject ")
         if meta.get("format") != FORMAT:
             raise LookalikeError(f"{path} is not a lookalike subject file; create one with `lookalike encode`")
         part = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731

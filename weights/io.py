@@ -44,18 +44,23 @@ def _flatten(nested: Mapping, path: Path) -> StateDict:
     return flat
 
 
+def read_safetensors(path: Path, what: str = "") -> tuple[StateDict, dict[str, str]]:
+    """All tensors (on the CPU) and the metadata of a safetensors file; a damaged file is one sentence."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise LookalikeError(f"cannot read {what}{path}: not a valid safetensors file ({exc}); "
+                             f"re-create or re-download it") from exc
+
+
 def read_checkpoint(path: str | os.PathLike) -> tuple[StateDict, dict[str, str]]:
     """A checkpoint file -> (flat state dict on the CPU, metadata). Pickled code is refused, never run."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise LookalikeError(f"no such checkpoint file: {path}")
     if path.suffix == ".safetensors":
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                metadata = dict(f.metadata() or {})
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise LookalikeError(f"cannot read {path}: not a valid safetensors file ({exc}); re-download it") from exc
+        tensors, metadata = read_safetensors(path)
         return _flatten(tensors, path), metadata
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
