@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="registry variant (full or short name): " + ", ".join(adapter_choices()))
     g.add_argument("--init-from", help="start from this adapter checkpoint (weights only; fresh optimizer)")
     g = p.add_argument_group("data")
-    g.add_argument("--data", required=True, help="JSON/JSONL list of {image_file, text}, a folder of images "
+    g.add_argument("--data", required=True, help="JSON/JSONL list of {image_file, text} (optional reference_file: "
+                   "another photo of the subject for the image encoder, against copying the target), a folder of images "
                    "with .txt captions, or webdataset .tar shards (file, folder, glob or {000..009} pattern)")
     g.add_argument("--data-root", help="folder that image_file paths are relative to (default: the JSON's)")
     g.add_argument("--resolution", type=_positive, help="training size in pixels (default by base model)")

@@ -58,7 +58,7 @@ class Record:
     image: Ref | None
     text: str | Ref | None
     face_id: Ref | None = None  # a 512-d ArcFace embedding file (.npy, .pt, .safetensors)
-    face_image: Ref | None = None  # the aligned face crop FaceID-Plus encodes with CLIP (default: image)
+    face_image: Ref | None = None  # what the CLIP encoder sees: a face crop or another photo of the subject (default: image)
     problem: str | None = None  # set when the record itself is unusable (e.g. not a JSON object)
 
 
@@ -179,7 +179,8 @@ def json_records(path: Path, root: Path) -> list[Record]:
 
         text = item.get("text", item.get("caption"))
         records.append(Record(str(item.get("image_file", f"{path.name}:{i}")), ref("image_file"),
-                              text if isinstance(text, str) else None, ref("id_embed_file"), ref("face_image_file")))
+                              text if isinstance(text, str) else None, ref("id_embed_file"),
+                              ref("reference_file") or ref("face_image_file")))
     return records
 
 
