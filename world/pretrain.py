@@ -1,0 +1,175 @@
+"""Pretraining the world's frozen parts the way their real counterparts are pretrained: CLIP contrastively on
+image-caption pairs, the VAE on reconstruction, the UNet on captioned scenes (v-prediction, min-SNR)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..encoders.prepare import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from .data import Bank, to_unit
+from .models import clip_model, vae_model
+from .render import clip_caption
+from .tokenizer import world_tokenizer
+
+
+def cosine_lr(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to zero (multiplier of the base rate)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def clip_pixels(images: np.ndarray) -> torch.Tensor:
+    """uint8 renders -> CLIP-normalised pixels (the statistics lookalike's ClipImageEncoder applies)."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+    mean = torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def _loop(total: int, step_fn: Callable[[int], float], desc: str) -> list[float]:
+    losses = []
+    bar = tqdm(range(total), desc=desc, dynamic_ncols=True, mininterval=2.0)
+    for step in bar:
+        losses.append(step_fn(step))
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+    return losses
+
+
+def train_clip(bank: Bank, steps: int, seed: int, batch: int = 128, lr: float = 5e-4) -> tuple[object, list[float]]:
+    """Contrastive image-caption pretraining on the bank's scenes (captions name identity and scene)."""
+    model = clip_model(seed).train()
+    tok = world_tokenizer()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+    rng = np.random.default_rng(seed + 1)
+
+    def step_fn(step: int) -> float:
+        rows = rng.integers(len(bank), size=batch)
+        images = bank.images[rows]
+        text = tok([clip_caption(bank.identities[r], bank.scenes[r]) for r in rows], padding="max_length",
+                   max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+        for g in opt.param_groups:
+            g["lr"] = lr * cosine_lr(step, steps, max(1, steps // 20))
+        out = model(input_ids=text.input_ids, attention_mask=text.attention_mask,
+                    pixel_values=clip_pixels(images), return_loss=True)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+        return float(out.loss.detach())
+
+    losses = _loop(steps, step_fn, "world: CLIP")
+    return model.eval().requires_grad_(False), losses
+
+
+def train_vae(bank: Bank, steps: int, seed: int, batch: int = 32, lr: float = 1e-3,
+              kl_weight: float = 1e-6) -> tuple[object, list[float]]:
+    """Reconstruction (MSE) with a small KL term, as latent-diffusion autoencoders are trained; sets the
+    latent scaling factor to 1/std of the latents, as SD's VAE config does."""
+    vae = vae_model(seed).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    rng = np.random.default_rng(seed + 2)
+
+    def step_fn(step: int) -> float:
+        x = to_unit(bank.images[rng.integers(len(bank), size=batch)])
+        for g in opt.param_groups:
+            g["lr"] = lr * cosine_lr(step, steps, max(1, steps // 20))
+        dist = vae.encode(x).latent_dist
+        recon = vae.decode(dist.sample()).sample
+        mse = F.mse_loss(recon, x)
+        kl = dist.kl().mean() / x[0].numel()
+        loss = mse + kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return float(mse.detach())
+
+    losses = _loop(steps, step_fn, "world: VAE")
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        x = to_unit(bank.images[np.random.default_rng(seed + 3).integers(len(bank), size=256)])
+        std = float(vae.encode(x).latent_dist.mean.std())
+    vae.register_to_config(scaling_factor=1.0 / std)
+    return vae, losses
+
+
+@torch.no_grad()
+def encode_latents(vae: object, images: np.ndarray, chunk: int = 512) -> torch.Tensor:
+    """Scaled VAE posterior means of uint8 renders (N, C, h, w), computed once for the base model."""
+    out = []
+    for i in tqdm(range(0, len(images), chunk), desc="world: latents", mininterval=2.0):
+        out.append(vae.encode(to_unit(images[i:i + chunk])).latent_dist.mean * vae.config.scaling_factor)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def text_context(text_encoder: object, captions: list[str]) -> torch.Tensor:
+    """The text encoder's last hidden states (N, L, C) for the pipeline's padded tokens."""
+    tok = world_tokenizer()
+    ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt").input_ids
+    return text_encoder(ids)[0]
+
+
+def min_snr_weight(scheduler: object, timesteps: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
+    """Min-SNR-gamma loss weights for a v-prediction target: min(SNR, gamma) / (SNR + 1) (Hang et al. 2023)."""
+    alphas = scheduler.alphas_cumprod[timesteps]
+    snr = alphas / (1.0 - alphas)
+    return torch.clamp(snr, max=gamma) / (snr + 1.0)
+
+
+def train_base(bank: Bank, vae: object, text_encoder: object, steps: int, seed: int, batch: int = 32,
+               lr: float = 6e-4, drop_caption: float = 0.1, ema_decay: float = 0.999) -> tuple[object, list[float]]:
+    """The text-to-image UNet on captioned scenes (captions name background and position, never identity).
+
+    v-prediction with min-SNR weighting, AdamW with warm-up and cosine decay, an EMA of the weights
+    (what ships), 10% empty captions for classifier-free guidance.
+    """
+    import copy
+
+    from .models import noise_scheduler, unet_model
+    from .render import caption
+
+    sched = noise_scheduler()
+    latents = encode_latents(vae, bank.images)
+    captions = sorted({caption(s) for s in bank.scenes})
+    index = {c: i for i, c in enumerate(captions)}
+    contexts = text_context(text_encoder, captions + [""])  # the last row is the empty caption
+    rows_caption = torch.tensor([index[caption(s)] for s in bank.scenes])
+    unet = unet_model(seed).train()
+    ema = copy.deepcopy(unet).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.01)
+    g = torch.Generator().manual_seed(seed + 1)
+
+    def step_fn(step: int) -> float:
+        rows = torch.randint(len(bank), (batch,), generator=g)
+        x0 = latents[rows]
+        cap = rows_caption[rows].clone()
+        cap[torch.rand(batch, generator=g) < drop_caption] = len(captions)
+        t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        noisy = sched.add_noise(x0, noise, t)
+        target = sched.get_velocity(x0, noise, t)
+        for group in opt.param_groups:
+            group["lr"] = lr * cosine_lr(step, steps, max(1, steps // 25))
+        pred = unet(noisy, t, contexts[cap]).sample
+        per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
+        loss = (per_sample * min_snr_weight(sched, t)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        decay = min(ema_decay, (1.0 + step) / (10.0 + step))
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), unet.parameters()):
+                pe.lerp_(p, 1.0 - decay)
+        return float(per_sample.mean().detach())
+
+    losses = _loop(steps, step_fn, "world: base UNet")
+    return ema, losses
