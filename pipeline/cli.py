@@ -52,7 +52,7 @@ if TYPE_CHECKING:  # pragma: no cover
 DEFAULT_SCALE = 0.6
 DEFAULT_STEPS = 30
 DEFAULT_NEGATIVE = "monochrome, lowres, bad anatomy, worst quality, low quality"
-#: Default output size per base family (the demo model works at 64 px).
+#: Default output size per base family (the demo model: its own native size, 32 px trained, 64 px random).
 DEFAULT_SIZE = {"sd15": 512, "sdxl": 1024, DEMO: 64}
 #: Default classifier-free guidance per base family (the diffusers pipelines' own defaults).
 DEFAULT_GUIDANCE = {"sd15": 7.5, "sdxl": 5.0}
@@ -114,7 +114,8 @@ def _add_model_options(parser: argparse.ArgumentParser, with_subject: bool) -> N
     group = parser.add_argument_group("model")
     group.add_argument("--model", default=DEFAULT_MODEL, metavar="ID|FOLDER|demo",
                        help=f"diffusers text-to-image model, SD1.5 or SDXL: a hub id, a local folder, or `demo` "
-                            f"(a tiny built-in model that runs offline in seconds on a CPU) (default: {DEFAULT_MODEL})")
+                            f"(a tiny built-in model trained on a world of coloured shapes, offline, seconds on a CPU; "
+                            f"`tiny-random`: the same shape with random weights, for smoke tests) (default: {DEFAULT_MODEL})")
     group.add_argument("--adapter", default=None, metavar="NAME|FILE", help=_adapter_help(with_subject))
     group.add_argument("--device", default=None, metavar="DEVICE",
                        help="torch device, e.g. cuda, cuda:1, cpu (default: cuda when available, else cpu; "
@@ -180,7 +181,7 @@ def _add_generate(sub: Any) -> None:
     g.add_argument("--negative-prompt", default=DEFAULT_NEGATIVE, metavar="TEXT",
                    help=f"what to avoid (default: '{DEFAULT_NEGATIVE}'; '' for none)")
     g.add_argument("--size", type=_size, default=None, metavar="N|WxH",
-                   help="image size in pixels, multiples of 8 (default: 512 for SD1.5, 1024 for SDXL, 64 for demo)")
+                   help="image size in pixels, multiples of 8 (default: 512 for SD1.5, 1024 for SDXL, the demo model's own size)")
     p.set_defaults(run=cmd_generate)
 
 
@@ -238,6 +239,7 @@ def _add_download(sub: Any) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with its subcommands."""
     from ..evaluation.cli import add_eval_parser
+    from ..world.cli import add_demo_parser
 
     parser = argparse.ArgumentParser(
         prog="lookalike",
@@ -252,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_info(sub)
     _add_download(sub)
     add_eval_parser(sub)
+    add_demo_parser(sub)
     return parser
 
 
@@ -307,10 +310,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         plan = make_plan(args.model, adapter, with_encoder=subject is None)
     check_subject_fits(subject, plan.spec)
     family = DEMO if plan.demo else plan.base
-    width, height = args.size or (DEFAULT_SIZE[family],) * 2
     guidance = args.guidance if args.guidance is not None else DEFAULT_GUIDANCE[plan.base]
     with quiet_hub(), quiet_libraries():
         p, name = load_personalizer(plan, device, dtype, face_options(args))
+    native = int(p.pipe.unet.config.sample_size) * int(p.pipe.vae_scale_factor)  # the demo's own size
+    width, height = args.size or ((native if plan.demo else DEFAULT_SIZE[family]),) * 2
+    with quiet_hub(), quiet_libraries():
         if subject is None:
             subject = p.encode(references, adapter=name, combine=args.combine, crop=args.crop,
                                face_index=args.face_index)

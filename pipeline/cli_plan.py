@@ -30,6 +30,9 @@ if TYPE_CHECKING:  # pragma: no cover
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DEFAULT_ADAPTER = "plus"
 DEMO = "demo"
+#: The demo's architecture with random (seeded) weights built in code: for tests and smoke runs.
+RANDOM_DEMO = "tiny-random"
+DEMOS = (DEMO, RANDOM_DEMO)
 DEBUG_ENV = "LOOKALIKE_DEBUG"
 PATH_PREFIXES = ("./", "../", "/", "~", ".\\", "..\\")
 
@@ -133,8 +136,8 @@ class Plan:
 def make_plan(model: str, adapter: str, *, with_encoder: bool, base: str | None = None) -> Plan:
     """Resolve the model's base family (unless given) and the adapter's file and spec, fetching small files."""
     _check_adapter_known(adapter)
-    if model == DEMO:
-        return _demo_plan(adapter)
+    if model in DEMOS:
+        return _demo_plan(adapter, model)
     from ..weights.hub import resolve_adapter_source
     from ..weights.io import detect_spec, read_checkpoint
 
@@ -165,26 +168,36 @@ def encode_plan(model: str, adapter: str) -> Plan:
     from ..adapters.spec import REGISTRY, get_spec
 
     short = any(s.short_name == adapter for s in REGISTRY.values())
-    if model == DEMO or not (adapter in REGISTRY or short):
+    if model in DEMOS or not (adapter in REGISTRY or short):
         return make_plan(model, adapter, with_encoder=True, base=_encode_base(model, adapter))
     spec = get_spec(adapter, _encode_base(model, adapter) or _model_base(model))  # type: ignore[arg-type]
     _fetch_encoders(spec)
     return Plan(model, spec.base, False, spec, None)
 
 
-def _demo_plan(adapter: str) -> Plan:
-    """The demo model takes the basic and plus adapters, or a checkpoint file made for it."""
+def _demo_plan(adapter: str, model: str = DEMO) -> Plan:
+    """The trained demo model takes its shipped adapter or a checkpoint file made for it; the random one
+    (and the demo when no trained weights ship) takes the basic and plus adapters."""
     from ..adapters.spec import get_spec
     from ..weights.io import detect_spec, read_checkpoint
 
     local = Path(adapter).expanduser()
     if local.is_file():
-        return Plan(DEMO, "sd15", True, detect_spec(*read_checkpoint(local), str(local)), local)
+        return Plan(model, "sd15", True, detect_spec(*read_checkpoint(local), str(local)), local)
     spec = get_spec(adapter, "sd15")
+    from .demo import DEMO_ADAPTER_FILE, DEMO_DIR, DEMO_TRAINED
+
+    if DEMO_TRAINED and model == DEMO:
+        shipped = DEMO_DIR / DEMO_ADAPTER_FILE
+        trained = detect_spec(*read_checkpoint(shipped), str(shipped))
+        if spec.projector != trained.projector:
+            raise LookalikeError(f"the trained demo model ships the {trained.short_name or trained.name} adapter, "
+                                 f"not {adapter!r}; use --adapter {trained.short_name or trained.name} with --model demo")
+        return Plan(model, "sd15", True, trained, None)
     if spec.base != "sd15" or spec.projector not in ("linear", "resampler"):
         raise LookalikeError(f"the demo model offers the basic and plus adapters, not {adapter!r}; "
                              f"use --adapter plus or --adapter basic with --model demo")
-    return Plan(DEMO, "sd15", True, spec, None)
+    return Plan(model, "sd15", True, spec, None)
 
 
 def _encode_base(model: str, adapter: str) -> str | None:
@@ -265,7 +278,7 @@ def device_and_dtype(model: str, device: str | None, dtype: str | None
     """--device and --dtype with their defaults: cuda + float16 when available, else cpu + float32 (demo: None)."""
     import torch
 
-    if model == DEMO:
+    if model in DEMOS:
         return None, None
 
     try:
@@ -351,9 +364,12 @@ def load_personalizer(plan: Plan, device: torch.device | None, dtype: torch.dtyp
                       faces: dict[str, Any] | None = None) -> tuple[Personalizer, str]:
     """The model with the adapter loaded (the demo: on the cpu in float32); returns it and the adapter's name."""
     if plan.demo:
-        from .demo import demo_personalizer
+        from .demo import DEMO_TRAINED, demo_personalizer, trained_demo_personalizer
 
-        p = demo_personalizer(plan.spec.name if plan.checkpoint is None else None)
+        if DEMO_TRAINED and plan.model == DEMO:
+            p = trained_demo_personalizer(adapter=plan.checkpoint is None)
+        else:
+            p = demo_personalizer(plan.spec.name if plan.checkpoint is None else None)
         p.encoders.face_options = dict(faces or {})
         if plan.checkpoint is None:
             return p, p.adapters[0].name

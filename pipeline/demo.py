@@ -1,11 +1,14 @@
 """The offline ``demo`` preset: a tiny SD1.5-shaped pipeline, CLIP encoder and adapters, no downloads.
 
-It runs in seconds on a CPU so that a fresh machine can try ``lookalike generate --model demo`` at once.
-Its weights are random (seeded) until trained demo weights ship; :data:`DEMO_TRAINED` says which.
+``--model demo`` loads the trained demo model that ships inside the package (:data:`DEMO_DIR`: a diffusers
+pipeline folder with its CLIP image encoder, and ``adapter.safetensors``, built by ``lookalike demo
+--rebuild``). It knows only a small procedural world of coloured shapes. :func:`demo_personalizer` builds
+the same kind of pipeline with random (seeded) weights in code, for tests and smoke runs.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,8 +19,13 @@ from ..errors import LookalikeError
 from .personalizer import Personalizer
 from .tiny import tiny_pipeline
 
-DEMO_TRAINED = False
-DEMO_NOTE = "the demo model has random weights (no trained demo weights ship yet): images are noise-like"
+#: The trained demo model shipped inside the package (see ``lookalike demo``).
+DEMO_DIR = Path(__file__).resolve().parent.parent / "world" / "demo_model"
+DEMO_ADAPTER_FILE = "adapter.safetensors"
+DEMO_TRAINED = (DEMO_DIR / "model_index.json").is_file() and (DEMO_DIR / DEMO_ADAPTER_FILE).is_file()
+DEMO_NOTE = ("the demo model knows only a small world of coloured shapes on plain backgrounds "
+             "(try a reference from `lookalike demo --out DIR`); use an SD1.5/SDXL model for real photos"
+             if DEMO_TRAINED else "the demo model has random weights (no trained demo weights ship): images are noise-like")
 #: Widths of the demo's CLIP encoder: pooled (projection) and patch (hidden) features, 17 tokens per image.
 DEMO_CLIP = {"hidden_size": 48, "projection_dim": 32, "image_size": 64, "patch_size": 16}
 
@@ -62,4 +70,17 @@ def demo_personalizer(adapter: str | None = "plus", seed: int = 0) -> Personaliz
     p = Personalizer(pipe, image_encoder=demo_clip_encoder(seed))
     if adapter:
         p.load_adapter(demo_adapter(adapter, pipe.unet, seed))
+    return p
+
+
+def trained_demo_personalizer(adapter: bool = True, model_dir: str | Path | None = None) -> Personalizer:
+    """The trained demo model (fp32, CPU) from :data:`DEMO_DIR` (or ``model_dir``), its adapter loaded."""
+    folder = Path(model_dir) if model_dir is not None else DEMO_DIR
+    if not (folder / "model_index.json").is_file():
+        raise LookalikeError(f"no trained demo model in {folder}; reinstall lookalike, or rebuild it with "
+                             f"`lookalike demo --rebuild DIR`")
+    p = Personalizer.from_pretrained(folder, torch_dtype=torch.float32)
+    p.pipe.set_progress_bar_config(disable=True)
+    if adapter:
+        p.load_adapter(folder / DEMO_ADAPTER_FILE)
     return p

@@ -22,7 +22,7 @@ from lookalike.weights.io import official_state_dict, save_adapter
 from helpers import SHARED
 
 DREAMBENCH_DOG = SHARED / "data" / "dreambench" / "dog"
-FAST = ["--model", "demo", "--steps", "2"]
+FAST = ["--model", "tiny-random", "--steps", "2"]
 
 
 @pytest.fixture(autouse=True)
@@ -104,18 +104,18 @@ def test_python_m_lookalike_help_documents_several_images_naming(tmp_path):
     assert "<stem>-i.png" in text and "<stem>-grid.png" in text and "--num-images" in text
 
 
-def test_python_m_lookalike_generate_demo_runs_end_to_end_and_says_weights_are_random(tmp_path, photos):
+def test_python_m_lookalike_generate_demo_runs_end_to_end_at_its_native_size(tmp_path, photos):
     out = tmp_path / "dog.png"
     result = run_python(["-m", "lookalike", "generate", *FAST, *refs(photos[:1]), "--prompt", "a dog",
                          "--out", str(out)], tmp_path)
     assert result.returncode == 0, result.stderr
-    assert pixels(out).shape == (64, 64, 3)
+    assert pixels(out).shape == (32, 32, 3)  # the demo model's native size
     assert f"wrote {out}" in result.stdout
     assert result.stderr.strip().splitlines() == ([] if DEMO_TRAINED else [f"note: {DEMO_NOTE}"])
 
 
 def test_argparse_usage_error_exits_2(capsys):
-    assert cli.main(["generate", "--model", "demo", "--out", "x.png"]) == 2
+    assert cli.main(["generate", "--model", "tiny-random", "--out", "x.png"]) == 2
     assert "--prompt" in capsys.readouterr().err
 
 
@@ -128,14 +128,14 @@ def test_generate_writes_png_whose_text_chunks_hold_prompt_seed_model_adapter_an
                      "--seed", "7", "--scale", "0.8", "--window", "0", "0.5", "--negative-prompt", "blurry"])
     assert code == 0
     with Image.open(out) as image:
-        assert image.format == "PNG" and image.size == (64, 64)
+        assert image.format == "PNG" and image.size == (32, 32)
         text = dict(image.text)
     assert text["prompt"] == "a dog on the beach"
     assert text["seed"] == "7"
-    assert text["model"] == "demo"
+    assert text["model"] == "tiny-random"
     assert text["adapter"] == "ip-adapter-plus_sd15"
     assert float(text["scale"]) == 0.8
-    assert text["negative_prompt"] == "blurry" and text["steps"] == "2" and text["size"] == "64x64"
+    assert text["negative_prompt"] == "blurry" and text["steps"] == "2" and text["size"] == "32x32"
     assert text["window"] == "0.0,0.5" and text["lookalike_version"]
     assert json.loads(text["references"]) == [file_sha256(p) for p in photos]
     assert not [p for p in out.parent.iterdir() if p.name != "dog.png"]  # no temporary files left
@@ -164,7 +164,7 @@ def test_image_i_of_a_batch_is_reproduced_alone_with_seed_plus_i(tmp_path, photo
 
 def test_encode_then_generate_with_subject_gives_the_same_pixels_as_generate_with_references(tmp_path, photos):
     subject_file = tmp_path / "dog.safetensors"
-    assert cli.main(["encode", "--model", "demo", *refs(photos), "--out", str(subject_file)]) == 0
+    assert cli.main(["encode", "--model", "tiny-random", *refs(photos), "--out", str(subject_file)]) == 0
     subject = Subject.load(subject_file)
     assert subject.adapter == "ip-adapter-plus_sd15" and subject.num_images == 2
     args = ["generate", *FAST, "--prompt", "a dog", "--seed", "11"]
@@ -176,7 +176,7 @@ def test_encode_then_generate_with_subject_gives_the_same_pixels_as_generate_wit
 
 def test_subject_encoded_for_another_adapter_is_refused_before_generating(tmp_path, photos, capsys):
     subject_file = tmp_path / "basic.safetensors"
-    assert cli.main(["encode", "--model", "demo", "--adapter", "basic", *refs(photos[:1]),
+    assert cli.main(["encode", "--model", "tiny-random", "--adapter", "basic", *refs(photos[:1]),
                      "--out", str(subject_file)]) == 0
     capsys.readouterr()
     code = cli.main(["generate", *FAST, "--adapter", "plus", "--subject", str(subject_file), "--prompt", "a dog",
@@ -200,11 +200,11 @@ def test_a_local_diffusers_folder_loads_as_model_and_matches_the_demo_pixel_for_
     tiny_pipeline("sd15", seed=0).save_pretrained(folder)  # the demo's own pipeline, as a diffusers folder
     checkpoint = save_adapter(demo_adapter("plus", demo_personalizer(None).pipe.unet), tmp_path / "p.safetensors")
     subject = tmp_path / "s.safetensors"
-    assert cli.main(["encode", "--model", "demo", *refs(photos[:1]), "--out", str(subject)]) == 0
+    assert cli.main(["encode", "--model", "tiny-random", *refs(photos[:1]), "--out", str(subject)]) == 0
     args = ["generate", "--steps", "2", "--subject", str(subject), "--prompt", "a dog", "--seed", "2"]
-    assert cli.main([*args, "--model", str(folder), "--adapter", str(checkpoint), "--size", "64",
+    assert cli.main([*args, "--model", str(folder), "--adapter", str(checkpoint), "--size", "32",
                      "--device", "cpu", "--out", str(tmp_path / "folder.png")]) == 0
-    assert cli.main([*args, "--model", "demo", "--out", str(tmp_path / "demo.png")]) == 0
+    assert cli.main([*args, "--model", "tiny-random", "--out", str(tmp_path / "demo.png")]) == 0
     assert np.array_equal(pixels(tmp_path / "folder.png"), pixels(tmp_path / "demo.png"))
     assert Image.open(tmp_path / "folder.png").text["model"] == str(folder)
 
@@ -319,7 +319,7 @@ def _must_not_load(*args: object, **kwargs: object) -> None:
 
 
 def test_encode_of_a_non_image_reference_exits_2(tmp_path, capsys):
-    code = cli.main(["encode", "--model", "demo", "--reference", _text_file(tmp_path),
+    code = cli.main(["encode", "--model", "tiny-random", "--reference", _text_file(tmp_path),
                      "--out", str(tmp_path / "s.safetensors")])
     assert code == 2
     assert_one_error_line(capsys, "notes.txt")

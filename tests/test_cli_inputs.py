@@ -103,7 +103,7 @@ def test_unusual_but_valid_references_generate_an_image(tmp_path, capsys, kind):
     code, err = run(["generate", "--model", "demo", "--reference", str(path), "--prompt", "x", "--out", str(out),
                      "--steps", "1"], capsys)
     assert code == 0, err
-    assert Image.open(out).size == (64, 64)
+    assert Image.open(out).size == (32, 32)
 
 
 def test_exif_rotation_changes_what_the_encoder_sees(tmp_path, capsys):
@@ -142,7 +142,7 @@ def test_photo_with_no_face_exits_2_naming_it_and_a_face_photo_works(tmp_path, c
     teapot = SHARED / "data" / "dreambench" / "teapot" / "00.jpg"
     face = tmp_path / "astronaut.png"
     Image.fromarray(data.astronaut()).save(face)
-    common = ["--model", "demo", "--adapter", str(ckpt), "--face-models", str(pack), "--face-detector", "yunet",
+    common = ["--model", "tiny-random", "--adapter", str(ckpt), "--face-models", str(pack), "--face-detector", "yunet",
               "--yunet-model", str(YUNET), "--prompt", "a portrait", "--steps", "1"]
     code, err = run(["generate", "--reference", str(teapot), "--out", str(tmp_path / "no.png"), *common], capsys)
     assert code == 2 and len(err) == 1 and err[0].startswith("error: no face found") and "00.jpg" in err[0]
@@ -162,7 +162,7 @@ def test_checkpoint_that_does_not_fit_the_demo_model_exits_2(tmp_path, capsys):
     ckpt = save_adapter(wide, tmp_path / "wide.safetensors")
     ref = tmp_path / "ref.png"
     photo(tmp_path).save(ref)
-    code, err = run(["generate", "--model", "demo", "--adapter", str(ckpt), "--reference", str(ref),
+    code, err = run(["generate", "--model", "tiny-random", "--adapter", str(ckpt), "--reference", str(ref),
                      "--prompt", "x", "--out", str(tmp_path / "o.png"), "--steps", "1"], capsys)
     assert code == 2 and len(err) == 1 and err[0].startswith("error:") and "64" in err[0]
 
