@@ -24,7 +24,7 @@ def add_demo_parser(sub: Any) -> None:
     p.add_argument("--model-dir", metavar="DIR", help="use this trained demo folder instead of the shipped one "
                    "(e.g. BUILD/model after --rebuild)")
     p.add_argument("--per-subject", type=int, default=4, metavar="N",
-                   help="with --evaluate: captions per held-out subject (default: 4)")
+                   help="new captions per held-out subject, for --evaluate and --out (default: 4)")
     p.set_defaults(run=cmd_demo)
 
 
@@ -52,7 +52,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.out:
         from .demo import write_grid
 
-        print(f"wrote {write_grid(args.out, model_dir)}")
+        print(f"wrote {write_grid(args.out, model_dir, per_subject=args.per_subject)}")
     if args.evaluate:
         from .demo import evaluate_model
 

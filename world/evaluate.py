@@ -70,6 +70,12 @@ def read_position(image: np.ndarray) -> str | None:
 def colour_histogram(image: np.ndarray, bins: int = 4) -> np.ndarray:
     """Normalised RGB histogram (bins^3) of the object's pixels: the colour-only baseline."""
     mask = foreground(image)
+    inner = mask.copy()  # eroded by one pixel: anti-aliased edges blend in the background's colour
+    inner[1:] &= mask[:-1]
+    inner[:-1] &= mask[1:]
+    inner[:, 1:] &= mask[:, :-1]
+    inner[:, :-1] &= mask[:, 1:]
+    mask = inner if inner.sum() >= 8 else mask
     pixels = image[mask] if mask.sum() >= 8 else image.reshape(-1, 3)
     q = (pixels.astype(np.int64) * bins) // 256
     hist = np.bincount(q[:, 0] * bins * bins + q[:, 1] * bins + q[:, 2], minlength=bins ** 3).astype(np.float64)
