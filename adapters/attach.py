@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Union
@@ -179,6 +179,7 @@ class AdapterHandle:
         self._progress: float = 0.0
         self._needs_progress = False
         self._lora_cache: dict[int, list] | None = None
+        self._text_kv: dict[int, tuple] | None = None  # per conditioned block: layer -> (context, version, k, v)
         procs = {x.name: DecoupledAttnProcessor(self, x, self.original[x.name], backend) for x in self.layers}
         unet.set_attn_processor(procs)
         self._hook = unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True)
@@ -219,15 +220,33 @@ class AdapterHandle:
         for t in terms:
             if t is not None and not 0.0 <= t.input.window[0] <= t.input.window[1] <= 1.0:
                 raise LookalikeError(f"timestep window {t.input.window} must satisfy 0 <= start <= end <= 1")
-        previous = self._terms
-        self._terms = terms
+        previous, previous_kv = self._terms, self._text_kv
+        self._terms, self._text_kv = terms, {}
         self._needs_progress = any(t is not None and tuple(t.input.window) != (0.0, 1.0) for t in terms)
         self._progress = 0.0
         try:
             yield
         finally:
-            self._terms = previous
+            self._terms, self._text_kv = previous, previous_kv
             self._needs_progress = False
+
+    def text_kv(self, index: int, context: torch.Tensor,
+                compute: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``index``'s keys and values of the prompt ``context``: computed once per conditioned block.
+
+        Pipelines pass the same prompt tensor at every denoising step; the cache holds that tensor itself
+        (so its identity cannot be reused by another) and its version counter (an in-place edit recomputes).
+        Nothing is cached while gradients are recorded or under ``torch.compile`` (the graph owns that).
+        """
+        if self._text_kv is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return compute()
+        version = -1 if context.is_inference() else context._version
+        hit = self._text_kv.get(index)
+        if hit is not None and hit[0] is context and hit[1] == version:
+            return hit[2], hit[3]
+        key, value = compute()
+        self._text_kv[index] = (context, version, key, value)
+        return key, value
 
     def active_at(self, layer: AttnLayer) -> list[_Term]:
         """The terms that add image attention at this layer and this step."""

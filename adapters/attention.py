@@ -76,21 +76,18 @@ class DecoupledAttnProcessor:
         lq, lk, lv, lo = ([(s, getattr(layer, n)) for s, layer in loras]
                           for n in ("to_q_lora", "to_k_lora", "to_v_lora", "to_out_lora"))
         query = _with_lora(attn.to_q(hidden_states), hidden_states, lq)  # (B, N, inner)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = _with_lora(attn.to_k(encoder_hidden_states), encoder_hidden_states, lk)
-        value = _with_lora(attn.to_v(encoder_hidden_states), encoder_hidden_states, lv)
-
-        head_dim = key.shape[-1] // attn.heads
+        head_dim = query.shape[-1] // attn.heads
         query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # (B, heads, N, d)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
         if attn.norm_q is not None:
             query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        if encoder_hidden_states is None:
+            key, value = _text_kv(attn, hidden_states, lk, lv, batch_size, head_dim, cross=False)
+        elif lk or lv:
+            key, value = _text_kv(attn, encoder_hidden_states, lk, lv, batch_size, head_dim)
+        else:  # the prompt's keys and values do not change across denoising steps: once per generation
+            context = encoder_hidden_states
+            key, value = self.handle.text_kv(
+                self.layer.index, context, lambda: _text_kv(attn, context, lk, lv, batch_size, head_dim))
         backend = self.backend if attention_mask is None else "sdpa"
         hidden_states = attention(query, key, value, attention_mask, backend)  # (B, N, inner)
 
@@ -107,6 +104,20 @@ class DecoupledAttnProcessor:
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+
+def _text_kv(attn, context: torch.Tensor, lk: list, lv: list, batch_size: int, head_dim: int, cross: bool = True
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's keys and values of ``context`` as ``(B, heads, L, d)`` (cross-norm and LoRA applied)."""
+    if cross and attn.norm_cross:
+        context = attn.norm_encoder_hidden_states(context)
+    key = _with_lora(attn.to_k(context), context, lk)
+    value = _with_lora(attn.to_v(context), context, lv)
+    key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    return key, value
 
 
 def ip_kv(layer: IPLayer, tokens: torch.Tensor, heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:

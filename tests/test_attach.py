@@ -151,3 +151,35 @@ def test_cached_keys_values_follow_each_change_of_subject_scale_mask_and_batch()
         neg = [torch.zeros_like(c["image_embeds"][0])]
         assert torch.equal(torch.from_numpy(gen(fresh, negative_image_embeds=neg, **c)), torch.from_numpy(seen))
     assert len({float(x.sum()) for x in in_a_row}) == len(calls)
+
+
+def test_prompt_keys_and_values_are_computed_once_per_generation_not_per_step():
+    p, adapter = personalizer()
+    cross = [m.to_k for n, m in p.pipe.unet.named_modules() if n.endswith("attn2")]
+    calls = []
+    for to_k in cross:
+        to_k.register_forward_hook(lambda *a: calls.append(1))
+    gen(p, image_embeds=[features_for(adapter.spec)["pooled"]], num_inference_steps=4)
+    assert len(calls) == len(cross)  # once per cross-attention layer, not once per layer and step
+
+
+def test_cached_prompt_keys_and_values_equal_fresh_ones_and_follow_in_place_edits():
+    """Inside one conditioned block a second UNet call reuses the prompt's K/V: bit-identical to computing them
+    afresh (a new tensor), and an in-place edit of the prompt tensor is seen."""
+    pipe = fresh_pipe("sd15")
+    adapter = random_adapter(REGISTRY["ip-adapter_sd15"], pipe)
+    handle = attach_adapters(pipe.unet, [adapter])
+    tokens = adapter.project({"pooled": features_for(adapter.spec)["pooled"]})
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 16, 16, generator=g)
+    ctx = torch.randn(1, 77, pipe.unet.config.cross_attention_dim, generator=g)
+    with torch.no_grad(), handle.conditioned([AdapterInput(tokens)]):
+        pipe.unet(x, 900, ctx)
+        reused = pipe.unet(x, 500, ctx).sample
+        ctx.mul_(2.0)
+        edited = pipe.unet(x, 500, ctx).sample
+    with torch.no_grad(), handle.conditioned([AdapterInput(tokens)]):
+        fresh = pipe.unet(x, 500, ctx.clone() / 2.0).sample
+        fresh_edited = pipe.unet(x, 500, ctx.clone()).sample
+    assert torch.equal(reused, fresh) and torch.equal(edited, fresh_edited)
+    assert not torch.equal(reused, edited)
