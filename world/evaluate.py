@@ -132,21 +132,26 @@ def copied_background(images: np.ndarray, all_cases: list[Case]) -> float:
 
 
 def generate_cases(personalizer, all_cases: list[Case], adapter: bool, steps: int, guidance: float,
-                   scale: float, seed: int) -> np.ndarray:
-    """Generate one image per case (uint8), with the reference through the adapter or without it."""
+                   scale: float, seed: int, batch: int = 20) -> np.ndarray:
+    """Generate one image per case (uint8), with the reference through the adapter or without it.
+
+    Cases go in batches (one subject per prompt); each case has its own seeded generator, so its image
+    does not depend on the batching."""
     from tqdm.auto import tqdm
 
     out = []
-    for n, c in enumerate(tqdm(all_cases, desc="world: generating" + ("" if adapter else " (no adapter)"),
-                               mininterval=2.0)):
+    desc = "world: generating" + ("" if adapter else " (no adapter)")
+    for start in tqdm(range(0, len(all_cases), batch), desc=desc, mininterval=2.0):
+        chunk = all_cases[start:start + batch]
         kwargs = {"num_inference_steps": steps, "guidance_scale": guidance, "output_type": "np",
-                  "generator": torch.Generator().manual_seed(seed + n)}
+                  "generator": [torch.Generator().manual_seed(seed + start + k) for k in range(len(chunk))]}
+        prompts = [caption(c.scene) for c in chunk]
         if adapter:
-            subject = personalizer.encode(Image.fromarray(render(c.identity, c.reference)))
-            image = personalizer.generate(caption(c.scene), subject=subject, scale=scale, **kwargs).images[0]
+            subjects = [personalizer.encode(Image.fromarray(render(c.identity, c.reference))) for c in chunk]
+            images = personalizer.generate(prompts, subject=subjects, scale=scale, **kwargs).images
         else:
-            image = personalizer.pipe(caption(c.scene), **kwargs).images[0]
-        out.append(np.clip(np.rint(image * 255), 0, 255).astype(np.uint8))
+            images = personalizer.pipe(prompts, **kwargs).images
+        out += [np.clip(np.rint(x * 255), 0, 255).astype(np.uint8) for x in images]
     return np.stack(out)
 
 
