@@ -18,7 +18,7 @@ DEMO = "demo"
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DEFAULT_ADAPTER = "plus"
 DTYPES = ("float16", "bfloat16", "float32")
-DEMO_SIZE = 64  # as `lookalike generate --model demo`
+DEMO_SIZE = 64  # the tiny random preset's evaluation size
 # Kept equal to scorers.DEFAULT_* (not imported: that module imports torch).
 DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
 DEFAULT_DINO_MODEL = "facebook/dino-vits16"
@@ -64,7 +64,9 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="print two runs' scores side by side instead of running")
     m = p.add_argument_group("model")
     m.add_argument("--model", default=DEFAULT_MODEL, metavar="ID|FOLDER|demo",
-                   help=f"diffusers SD1.5 or SDXL model, or demo (tiny, offline) (default: {DEFAULT_MODEL})")
+                   help=f"diffusers SD1.5 or SDXL model, or demo (tiny random weights, offline: a smoke run of this "
+                        f"evaluation; the trained demo model is measured by `lookalike demo --evaluate`) "
+                        f"(default: {DEFAULT_MODEL})")
     m.add_argument("--adapter", default=DEFAULT_ADAPTER, metavar="NAME|FILE",
                    help=f"adapter: registry name, short name or checkpoint file (default: {DEFAULT_ADAPTER})")
     m.add_argument("--device", default=None, help="cuda, cuda:N, mps or cpu (default: cuda when available; under "
