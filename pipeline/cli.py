@@ -305,7 +305,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     references = check_references(args.references) if args.references else []
     subject = load_subject(args.subject) if args.subject else None
     device, dtype = device_and_dtype(args.model, args.device, args.dtype)
-    adapter = adapter_choice(args.adapter, subject)
+    adapter = adapter_choice(args.adapter, subject, args.model)
     with quiet_hub():
         plan = make_plan(args.model, adapter, with_encoder=subject is None)
     check_subject_fits(subject, plan.spec)

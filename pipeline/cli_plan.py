@@ -82,13 +82,21 @@ def load_subject(text: str) -> Subject:
     return Subject.load(text)
 
 
-def adapter_choice(adapter: str | None, subject: Subject | None) -> str:
-    """The adapter to load: --adapter, else the subject's, else the default."""
+def adapter_choice(adapter: str | None, subject: Subject | None, model: str | None = None) -> str:
+    """The adapter to load: --adapter, else the subject's, else the default (the trained demo: its own)."""
     from ..adapters.spec import REGISTRY
 
     if adapter is not None:
         return adapter
     if subject is None:
+        if model == DEMO:
+            from .demo import DEMO_ADAPTER_FILE, DEMO_DIR, DEMO_TRAINED
+
+            if DEMO_TRAINED:
+                from ..weights.io import detect_spec, read_checkpoint
+
+                shipped = DEMO_DIR / DEMO_ADAPTER_FILE
+                return detect_spec(*read_checkpoint(shipped), str(shipped)).short_name or DEFAULT_ADAPTER
         return DEFAULT_ADAPTER
     if subject.adapter not in REGISTRY:
         raise LookalikeError(f"the subject was encoded for the adapter {subject.adapter!r}, which is not in the "
@@ -148,8 +156,8 @@ def make_plan(model: str, adapter: str, *, with_encoder: bool, base: str | None 
     if spec.base != base:
         raise CheckpointMismatchError(f"the adapter {spec.name} is for {spec.base} models but --model {model} is "
                                       f"{base}; pick a {base} adapter")
-    if with_encoder:
-        _fetch_encoders(spec)
+    if with_encoder and not (Path(model).expanduser() / "image_encoder" / "config.json").is_file():
+        _fetch_encoders(spec)  # a local pipeline folder with its own image encoder uses that one
     return Plan(model, base, False, spec, Path(path))
 
 
