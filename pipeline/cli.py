@@ -25,7 +25,6 @@ from .cli_plan import (
     DEBUG_ENV,
     DEFAULT_ADAPTER,
     DEFAULT_MODEL,
-    DEMO,
     adapter_choice,
     check_output,
     check_references,
@@ -52,8 +51,8 @@ if TYPE_CHECKING:  # pragma: no cover
 DEFAULT_SCALE = 0.6
 DEFAULT_STEPS = 30
 DEFAULT_NEGATIVE = "monochrome, lowres, bad anatomy, worst quality, low quality"
-#: Default output size per base family (the demo model: its own native size, 32 px trained, 64 px random).
-DEFAULT_SIZE = {"sd15": 512, "sdxl": 1024, DEMO: 64}
+#: Default output size per base family (the demo models use their own native size).
+DEFAULT_SIZE = {"sd15": 512, "sdxl": 1024}
 #: Default classifier-free guidance per base family (the diffusers pipelines' own defaults).
 DEFAULT_GUIDANCE = {"sd15": 7.5, "sdxl": 5.0}
 DTYPES = ("float16", "bfloat16", "float32")
@@ -309,12 +308,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     with quiet_hub():
         plan = make_plan(args.model, adapter, with_encoder=subject is None)
     check_subject_fits(subject, plan.spec)
-    family = DEMO if plan.demo else plan.base
     guidance = args.guidance if args.guidance is not None else DEFAULT_GUIDANCE[plan.base]
     with quiet_hub(), quiet_libraries():
         p, name = load_personalizer(plan, device, dtype, face_options(args))
     native = int(p.pipe.unet.config.sample_size) * int(p.pipe.vae_scale_factor)  # the demo's own size
-    width, height = args.size or ((native if plan.demo else DEFAULT_SIZE[family]),) * 2
+    width, height = args.size or ((native if plan.demo else DEFAULT_SIZE[plan.base]),) * 2
     with quiet_hub(), quiet_libraries():
         if subject is None:
             subject = p.encode(references, adapter=name, combine=args.combine, crop=args.crop,

@@ -90,13 +90,10 @@ def adapter_choice(adapter: str | None, subject: Subject | None, model: str | No
         return adapter
     if subject is None:
         if model == DEMO:
-            from .demo import DEMO_ADAPTER_FILE, DEMO_DIR, DEMO_TRAINED
+            from .demo import DEMO_TRAINED, shipped_adapter_spec
 
             if DEMO_TRAINED:
-                from ..weights.io import detect_spec, read_checkpoint
-
-                shipped = DEMO_DIR / DEMO_ADAPTER_FILE
-                return detect_spec(*read_checkpoint(shipped), str(shipped)).short_name or DEFAULT_ADAPTER
+                return shipped_adapter_spec().short_name or DEFAULT_ADAPTER
         return DEFAULT_ADAPTER
     if subject.adapter not in REGISTRY:
         raise LookalikeError(f"the subject was encoded for the adapter {subject.adapter!r}, which is not in the "
@@ -193,11 +190,10 @@ def _demo_plan(adapter: str, model: str = DEMO) -> Plan:
     if local.is_file():
         return Plan(model, "sd15", True, detect_spec(*read_checkpoint(local), str(local)), local)
     spec = get_spec(adapter, "sd15")
-    from .demo import DEMO_ADAPTER_FILE, DEMO_DIR, DEMO_TRAINED
+    from .demo import DEMO_TRAINED, shipped_adapter_spec
 
     if DEMO_TRAINED and model == DEMO:
-        shipped = DEMO_DIR / DEMO_ADAPTER_FILE
-        trained = detect_spec(*read_checkpoint(shipped), str(shipped))
+        trained = shipped_adapter_spec()
         if spec.projector != trained.projector:
             raise LookalikeError(f"the trained demo model ships the {trained.short_name or trained.name} adapter, "
                                  f"not {adapter!r}; use --adapter {trained.short_name or trained.name} with --model demo")

@@ -8,6 +8,7 @@ the same kind of pipeline with random (seeded) weights in code, for tests and sm
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,15 @@ def demo_personalizer(adapter: str | None = "plus", seed: int = 0) -> Personaliz
     if adapter:
         p.load_adapter(demo_adapter(adapter, pipe.unet, seed))
     return p
+
+
+@functools.cache
+def shipped_adapter_spec() -> AdapterSpec:
+    """The variant of the shipped demo adapter, read from its checkpoint (metadata, else shapes)."""
+    from ..weights.io import detect_spec, read_checkpoint
+
+    path = DEMO_DIR / DEMO_ADAPTER_FILE
+    return detect_spec(*read_checkpoint(path), str(path))
 
 
 def trained_demo_personalizer(adapter: bool = True, model_dir: str | Path | None = None) -> Personalizer:

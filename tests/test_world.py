@@ -84,7 +84,8 @@ def test_colour_histogram_ignores_the_background():
     identity = Identity("square", "green", "yellow", "split")
     on_black = colour_histogram(render(identity, Scene("black", "center", 0.56)))
     on_white = colour_histogram(render(identity, Scene("white", "left", 0.56)))
-    assert np.abs(on_black - on_white).sum() < 0.3
+    other = colour_histogram(render(Identity("square", "red", "blue", "split"), Scene("black", "center", 0.56)))
+    assert np.abs(on_black - on_white).sum() < 0.3 < np.abs(on_black - other).sum()  # colours, not background
 
 
 def test_training_records_feed_the_reference_file_to_the_image_encoder(tmp_path):

@@ -36,7 +36,7 @@ class Budget:
     adapter_batch: int = 32
     judge_steps: int = 600
     captions_per_subject: int = 4  # evaluation generations per held-out subject
-    sampling_steps: int = 25
+    sampling_steps: int | None = None  # evaluation denoising steps; None: the CLI's default
 
 
 FULL = Budget()
@@ -180,7 +180,7 @@ def stage_evaluate(out: Path, root: Path, budget: Budget, seed: int) -> dict:
     from .demo import evaluate_model
 
     result, table = evaluate_model(root / "model", per_subject=budget.captions_per_subject,
-                                   steps=None if budget is FULL else budget.sampling_steps, seed=seed)
+                                   steps=budget.sampling_steps, seed=seed)
     (root / "model" / "evaluation.json").write_text(json.dumps(result, indent=1))
     (root / "model" / "evaluation.txt").write_text(table + "\n")
     print(table)

@@ -72,11 +72,12 @@ class Bank:
     def save(self, path: str) -> None:
         from .render import BACKGROUNDS, POSITIONS
 
-        ids = all_identities()
+        ids = {identity: k for k, identity in enumerate(all_identities())}
+        bgs, pos = {b: k for k, b in enumerate(BACKGROUNDS)}, {p: k for k, p in enumerate(POSITIONS)}
         np.savez_compressed(
-            path, images=self.images, identity=np.array([ids.index(i) for i in self.identities]),
-            background=np.array([list(BACKGROUNDS).index(s.background) for s in self.scenes]),
-            position=np.array([list(POSITIONS).index(s.position) for s in self.scenes]),
+            path, images=self.images, identity=np.array([ids[i] for i in self.identities]),
+            background=np.array([bgs[s.background] for s in self.scenes]),
+            position=np.array([pos[s.position] for s in self.scenes]),
             geometry=np.array([(s.size, s.dx, s.dy) for s in self.scenes], np.float64))
 
     @classmethod

@@ -42,19 +42,23 @@ def cases(split: Split, per_subject: int, seed: int) -> list[Case]:
     return out
 
 
-def read_background(image: np.ndarray) -> str:
-    """The background named by the pixels: the palette colour nearest the median of the 2-pixel border."""
+def border_colour(image: np.ndarray) -> np.ndarray:
+    """Median colour of the 2-pixel border (the object never covers most of it)."""
     border = np.concatenate([image[:2].reshape(-1, 3), image[-2:].reshape(-1, 3),
                              image[:, :2].reshape(-1, 3), image[:, -2:].reshape(-1, 3)]).astype(np.float32)
-    median = np.median(border, axis=0)
+    return np.median(border, axis=0)
+
+
+def read_background(image: np.ndarray) -> str:
+    """The background named by the pixels: the palette colour nearest the border's median."""
+    median = border_colour(image)
     names = list(BACKGROUNDS)
     return names[int(np.argmin([np.sum((median - np.array(BACKGROUNDS[n])) ** 2) for n in names]))]
 
 
 def foreground(image: np.ndarray, threshold: float = 60.0) -> np.ndarray:
     """Pixels far from the border's median colour (the object)."""
-    border = np.concatenate([image[:2].reshape(-1, 3), image[-2:].reshape(-1, 3)]).astype(np.float32)
-    return np.linalg.norm(image.astype(np.float32) - np.median(border, axis=0), axis=-1) > threshold
+    return np.linalg.norm(image.astype(np.float32) - border_colour(image), axis=-1) > threshold
 
 
 def read_position(image: np.ndarray) -> str | None:

@@ -9,9 +9,10 @@ from collections.abc import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from tqdm.auto import tqdm
 
-from ..encoders.prepare import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from ..encoders.prepare import to_clip_pixels
 from .data import Bank, to_unit
 from .models import clip_model, vae_model
 from .render import clip_caption
@@ -23,14 +24,6 @@ def cosine_lr(step: int, total: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
     return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
-def clip_pixels(images: np.ndarray) -> torch.Tensor:
-    """uint8 renders -> CLIP-normalised pixels (the statistics lookalike's ClipImageEncoder applies)."""
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
-    mean = torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1)
-    return (x - mean) / std
 
 
 def _loop(total: int, step_fn: Callable[[int], float], desc: str) -> list[float]:
@@ -58,7 +51,8 @@ def train_clip(bank: Bank, steps: int, seed: int, batch: int = 128, lr: float = 
         for g in opt.param_groups:
             g["lr"] = lr * cosine_lr(step, steps, max(1, steps // 20))
         out = model(input_ids=text.input_ids, attention_mask=text.attention_mask,
-                    pixel_values=clip_pixels(images), return_loss=True)
+                    pixel_values=to_clip_pixels([Image.fromarray(x) for x in images], images.shape[1]),
+                    return_loss=True)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()
