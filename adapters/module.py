@@ -27,6 +27,13 @@ class AttnLayer:
     is_cross: bool
 
 
+def _same_features(a: Features, b: Features) -> bool:
+    """Equal keys, and equal tensors (shape, dtype, device and values)."""
+    return a.keys() == b.keys() and all(
+        a[k].shape == b[k].shape and a[k].dtype == b[k].dtype and a[k].device == b[k].device
+        and torch.equal(a[k], b[k]) for k in a)
+
+
 def attention_layers(unet: nn.Module) -> list[AttnLayer]:
     """Every attention layer of a diffusers UNet, with sizes read from the modules themselves."""
     layers = []
@@ -130,3 +137,37 @@ class IPAdapter(nn.Module):
         flat = {k: v.reshape((b * i,) + tuple(v.shape[2:])) for k, v in features.items()}
         tokens = self.image_proj(flat)  # (B*I, T, C)
         return tokens.reshape((b, i) + tuple(tokens.shape[1:]))
+
+    def project_once(self, features: Features) -> torch.Tensor:
+        """:meth:`project`, remembering the last few results while the projector's weights are unchanged.
+
+        The unconditional input of guidance is the same for every generation (zeros, or the encoder on a
+        blank image), and a subject used again has the same features: those are projected once. Weights are
+        "unchanged" while every parameter keeps its storage, dtype, device and version counter (in-place
+        updates, ``load_state_dict`` and optimizer steps bump it; ``.to()`` clears the memory). Nothing is
+        remembered while gradients are recorded.
+        """
+        if torch.is_grad_enabled():
+            return self.project(features)
+        state = self._weights_state()
+        memory = self.__dict__.setdefault("_projected", [])
+        for entry_state, entry_features, tokens in memory:
+            if entry_state == state and _same_features(entry_features, features):
+                return tokens
+        tokens = self.project(features)
+        if state is not None:
+            memory.insert(0, (state, {k: v.clone() for k, v in features.items()}, tokens))
+            del memory[self.PROJECTED_KEPT:]
+        return tokens
+
+    PROJECTED_KEPT = 4  # the negative, and a few subjects
+
+    def _weights_state(self) -> tuple | None:
+        try:
+            return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.image_proj.parameters())
+        except RuntimeError:  # inference tensors carry no version counter: never remember
+            return None
+
+    def _apply(self, fn, recurse: bool = True):  # .to(), .half(), .cuda(): projected tokens are stale
+        self.__dict__.pop("_projected", None)
+        return super()._apply(fn, recurse)

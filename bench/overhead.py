@@ -1,7 +1,7 @@
 """Adapter overhead per generation: bare UNet vs lookalike vs diffusers' IP-Adapter, side by side in one run.
 
-A "generation" is what a pipeline does with the UNet: project the image features (lookalike: once;
-diffusers: inside every UNet call) and run ``--steps`` UNet calls with classifier-free guidance (batch 2).
+A "generation" is what a pipeline does with the UNet: project the image features (lookalike: a new subject
+once per generation, the unconditional input once while the weights last; diffusers: both inside every UNet call) and run ``--steps`` UNet calls with classifier-free guidance (batch 2).
 One full-size SD1.5 UNet (random weights) is shared by all modes; processors are swapped between runs,
 and runs are interleaved so drift hits every mode alike. Prints medians and ratios to bare.
 
@@ -120,15 +120,18 @@ def make_modes(unet, names: list[str], inp: Inputs, tiny: bool, device: str, dty
         feats.append(features(spec, device, dtype))
     original = dict(unet.attn_processors)
 
-    def lookalike() -> None:
+    generation = [0]
+
+    def lookalike() -> None:  # what Personalizer.generate does with a new subject each generation
         watch = watches["lookalike"]
         handle = attach_adapters(unet, adapters)
         inputs = []
+        generation[0] += 1
         for a, f in zip(adapters, feats):
             key = a.spec.features[0]
-            project = watch.wrap(a.project)
-            tokens = project({key: f})  # once per generation
-            inputs.append(AdapterInput(tokens, project({key: torch.zeros_like(f)})))
+            project = watch.wrap(a.project_once)
+            tokens = project({key: f + generation[0]})  # new features: projected once per generation
+            inputs.append(AdapterInput(tokens, project({key: torch.zeros_like(f)})))  # the same every time
         with handle.conditioned(inputs):
             unet_steps(unet, inp, watch)
         handle.detach()

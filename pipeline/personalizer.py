@@ -256,21 +256,23 @@ class Personalizer:
             pos = self._as_features(spec, emb, "image_embeds")
             negf = self._as_features(spec, neg, "negative_image_embeds") if neg is not None else None
             negf = negf or self.negative_features(spec, pos)
-            with torch.no_grad():
-                tokens = [adapter.project(self._prepare(f, combine, prompts, per_prompt, adapter))
-                          for f in (pos, negf)]
+            with torch.no_grad():  # one projection per distinct row, then repeated per generated image
+                tokens = [self._fit_batch(adapter.project_once(self._prepare(f, combine, prompts, adapter)),
+                                          prompts, per_prompt, adapter.name) for f in (pos, negf)]
             inputs.append(AdapterInput(tokens[0], tokens[1], s, tuple(w), self._masks(m)))
         return inputs
 
-    def _prepare(self, feats: Mapping[str, torch.Tensor], combine: str, prompts: int, per_prompt: int,
+    def _prepare(self, feats: Mapping[str, torch.Tensor], combine: str, prompts: int,
                  adapter: IPAdapter) -> dict[str, torch.Tensor]:
+        """Features on the adapter's device and dtype, all with batch 1 or all with one row per prompt."""
         param = next(adapter.parameters())
         out = {}
         for k, t in feats.items():
             t = t.to(device=param.device, dtype=param.dtype)
-            if combine == "mean":
-                t = t.mean(dim=1, keepdim=True)
-            out[k] = self._fit_batch(t, prompts, per_prompt, adapter.name)
+            out[k] = t.mean(dim=1, keepdim=True) if combine == "mean" else t
+        batches = {t.shape[0] for t in out.values()}
+        if len(batches) > 1 or not batches <= {1, prompts}:
+            out = {k: self._fit_batch(t, prompts, 1, adapter.name) for k, t in out.items()}
         return out
 
     def _masks(self, m: Any) -> torch.Tensor | None:

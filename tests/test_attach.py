@@ -183,3 +183,41 @@ def test_cached_prompt_keys_and_values_equal_fresh_ones_and_follow_in_place_edit
         fresh_edited = pipe.unet(x, 500, ctx.clone()).sample
     assert torch.equal(reused, fresh) and torch.equal(edited, fresh_edited)
     assert not torch.equal(reused, edited)
+
+
+def test_unconditional_input_and_a_reused_subject_are_projected_once_while_the_weights_are_unchanged():
+    """Generations in a row project only what is new; changed weights, dtype or features project again, and
+    every result equals a fresh pipeline's."""
+    p, adapter = personalizer("ip-adapter-plus_sd15")
+    calls = []
+    adapter.image_proj.register_forward_hook(lambda *a: calls.append(1))
+    f = [features_for(adapter.spec, seed=s)["patch"] for s in range(2)]
+    negative = [torch.zeros_like(f[0])]
+
+    def counted(**kw):
+        calls.clear()
+        return gen(p, negative_image_embeds=negative, **kw), len(calls)
+
+    first, n_first = counted(image_embeds=[f[0]])
+    again, n_again = counted(image_embeds=[f[0]])
+    other, n_other = counted(image_embeds=[f[1]])
+    with torch.no_grad():
+        adapter.image_proj.proj_out.weight.mul_(1.5)  # an in-place update, as an optimizer step makes
+    changed, n_changed = counted(image_embeds=[f[1]])
+    adapter.to(torch.float64).to(torch.float32)
+    _, n_moved = counted(image_embeds=[f[1]])
+    assert (n_first, n_again, n_other, n_changed, n_moved) == (2, 0, 1, 2, 2)
+    assert torch.equal(torch.from_numpy(first), torch.from_numpy(again))
+    fresh, fresh_adapter = personalizer("ip-adapter-plus_sd15")
+    fresh_adapter.load_state_dict(adapter.state_dict())
+    assert torch.equal(torch.from_numpy(gen(fresh, negative_image_embeds=negative, image_embeds=[f[1]])),
+                       torch.from_numpy(changed))
+    assert not torch.equal(torch.from_numpy(other), torch.from_numpy(changed))
+
+
+def test_nothing_is_remembered_while_gradients_are_recorded():
+    pipe = fresh_pipe("sd15")
+    adapter = random_adapter(REGISTRY["ip-adapter_sd15"], pipe)
+    feats = {"pooled": features_for(adapter.spec)["pooled"]}
+    tokens = adapter.project_once(feats)
+    assert tokens.requires_grad and not adapter.__dict__.get("_projected")

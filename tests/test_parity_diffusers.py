@@ -25,7 +25,7 @@ def configure_faceid_plus(pipe, index: int, feats: dict, negative: dict, spec) -
     layer.shortcut_scale = 1.0
 
 
-def run_both(tmp_path, base, names, scale=1.0, masks=None, seed_offset=0, images=1, steps=2):
+def run_both(tmp_path, base, names, scale=1.0, masks=None, seed_offset=0, images=1, steps=2, per_prompt=1):
     """Generate with lookalike and with diffusers from the same checkpoints and inputs; return both images."""
     ours, theirs = fresh_pipe(base), fresh_pipe(base)
     p = Personalizer(ours)
@@ -42,7 +42,7 @@ def run_both(tmp_path, base, names, scale=1.0, masks=None, seed_offset=0, images
         negs.append(neg if len(neg) > 1 else neg[adapter.spec.features[0]])
         diff_embeds.append((adapter.spec, feats, neg))
     kwargs = dict(prompt="a photo", num_inference_steps=steps, guidance_scale=5.0, height=32, width=32,
-                  output_type="np")
+                  output_type="np", num_images_per_prompt=per_prompt)
     a = p.generate(image_embeds=embeds, negative_image_embeds=negs, scale=scale, masks=masks,
                    generator=torch.Generator().manual_seed(0), **kwargs).images
 
@@ -64,6 +64,19 @@ def test_every_variant_generates_the_same_images_as_diffusers(tmp_path, name):
     a, b, plain = run_both(tmp_path, base, [name])
     assert abs(a - b).max() <= TOL
     assert abs(a - plain).max() > 1e-3, "the adapter must change the image, or the test proves nothing"
+
+
+def test_several_images_per_prompt_match_diffusers_with_one_projection_per_subject(tmp_path, monkeypatch):
+    from lookalike.adapters.module import IPAdapter
+
+    rows = []
+    project = IPAdapter.project
+    monkeypatch.setattr(IPAdapter, "project", lambda self, f: rows.append(next(iter(f.values())).shape[0])
+                        or project(self, f))
+    a, b, plain = run_both(tmp_path, "sd15", ["ip-adapter-plus_sd15"], per_prompt=3)
+    assert a.shape[0] == 3 and abs(a - b).max() <= TOL
+    assert abs(a - plain).max() > 1e-3
+    assert rows == [1, 1]  # the subject and the unconditional input, each projected once for all 3 images
 
 
 def test_two_adapters_at_once_match_diffusers(tmp_path):
