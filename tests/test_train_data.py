@@ -165,6 +165,20 @@ def test_batches_of_any_layout_cover_the_same_slots_with_the_same_draws():
     assert abs(image - 0.10) < 0.02 and abs(text - 0.10) < 0.02 and abs(both - 0.05) < 0.015
 
 
+def test_timestep_bias_draws_the_biased_portion_as_often_as_the_multiplier_says():
+    uniform = DrawSettings((1, 1, 1), 1000)
+    later = DrawSettings((1, 1, 1), 1000, timestep_bias="later", timestep_bias_portion=0.25,
+                         timestep_bias_multiplier=3.0)
+    earlier = DrawSettings((1, 1, 1), 1000, timestep_bias="earlier", timestep_bias_portion=0.5,
+                           timestep_bias_multiplier=0.0)
+    t = {name: torch.stack([draw(0, k, s)["timestep"] for k in range(4000)])
+         for name, s in (("uniform", uniform), ("later", later), ("earlier", earlier))}
+    assert abs(float((t["uniform"] >= 750).float().mean()) - 0.25) < 0.03
+    assert abs(float((t["later"] >= 750).float().mean()) - 0.5) < 0.03  # 3 * 0.25 / (3 * 0.25 + 0.75)
+    assert int(t["earlier"].min()) >= 500 and int(t["later"].max()) <= 999
+    assert torch.equal(draw(2, 5, later)["timestep"], draw(2, 5, later)["timestep"])
+
+
 def test_jsonl_lists_and_folders_are_read_in_a_fixed_order(tmp_path):
     path = write_json_set(tmp_path / "a", 3, faces=True, jsonl=True)
     records = find_records(str(path))

@@ -215,6 +215,8 @@ def test_bad_data_is_skipped_and_counted_and_the_export_loads_in_diffusers(tmp_p
     (["--steps", "0"], "must be a positive integer"),
     (["--drop-image", "0.6", "--drop-text", "0.6"], "must not exceed 1"),
     (["--resume", "/no/such/checkpoint"], "no such checkpoint folder"),
+    (["--timestep-bias", "later", "--timestep-bias-portion", "1", "--timestep-bias-multiplier", "0"],
+     "leaves no timestep to draw"),
 ])
 def test_bad_flags_exit_2_with_one_error_line(tmp_path, capsys, argv, fragment):
     data = write_json_set(tmp_path / "data", 1)

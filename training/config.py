@@ -10,6 +10,7 @@ from typing import Any
 
 from ..adapters.spec import REGISTRY
 from ..errors import LookalikeError
+from .data import TIMESTEP_BIASES
 
 #: Projectors this trainer knows how to train (every projector of the registry).
 TRAINABLE_PROJECTORS = ("linear", "resampler", "mlp", "faceid", "faceid_plus")
@@ -53,6 +54,9 @@ class TrainConfig:
     lr_warmup_steps: int = 0
     ema_decay: float = 0.0  # 0: no EMA
     noise_offset: float = 0.0
+    timestep_bias: str = "none"
+    timestep_bias_portion: float = 0.25
+    timestep_bias_multiplier: float = 1.0
     drop_image: float = 0.05
     drop_text: float = 0.05
     drop_both: float = 0.05
@@ -157,6 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-warmup-steps", type=_non_negative, default=d.lr_warmup_steps)
     g.add_argument("--ema-decay", type=_rate, default=d.ema_decay, help="0: no EMA; e.g. 0.9999")
     g.add_argument("--noise-offset", type=_non_negative_float, default=d.noise_offset)
+    g.add_argument("--timestep-bias", default=d.timestep_bias, choices=TIMESTEP_BIASES,
+                   help="draw the noisiest ('later') or cleanest ('earlier') timesteps more often (default: none)")
+    g.add_argument("--timestep-bias-portion", type=_rate, default=d.timestep_bias_portion,
+                   help="fraction of the schedule that is biased (default: 0.25)")
+    g.add_argument("--timestep-bias-multiplier", type=_non_negative_float, default=d.timestep_bias_multiplier,
+                   help="how many times more often the biased portion is drawn (default: 1, no bias; 0: never)")
     g.add_argument("--drop-image", type=_rate, default=d.drop_image, help="per-sample image drop rate")
     g.add_argument("--drop-text", type=_rate, default=d.drop_text, help="per-sample caption drop rate")
     g.add_argument("--drop-both", type=_rate, default=d.drop_both, help="per-sample drop of both")
@@ -186,6 +196,10 @@ def check_config(config: TrainConfig) -> None:
     """Refuse combinations that cannot work, with one sentence each."""
     if config.drop_image + config.drop_text + config.drop_both > 1.0:
         raise FlagError("--drop-image + --drop-text + --drop-both must not exceed 1")
+    if config.timestep_bias != "none" and config.timestep_bias_portion == 0:
+        raise FlagError("--timestep-bias needs --timestep-bias-portion above 0")
+    if config.timestep_bias != "none" and config.timestep_bias_portion == 1 and config.timestep_bias_multiplier == 0:
+        raise FlagError("--timestep-bias-multiplier 0 with portion 1 leaves no timestep to draw; raise either")
     if config.lr <= 0:
         raise FlagError(f"--lr must be positive, not {config.lr}")
     if config.build_cache and not config.cache:

@@ -41,6 +41,29 @@ class DrawSettings:
     drop_text: float = 0.05
     drop_both: float = 0.05
     noise_offset: float = 0.0
+    timestep_bias: str = "none"  # none | later (noisier) | earlier (cleaner), as diffusers' SDXL training script
+    timestep_bias_portion: float = 0.25
+    timestep_bias_multiplier: float = 1.0
+
+
+TIMESTEP_BIASES = ("none", "later", "earlier")
+
+
+def timestep_weights(s: DrawSettings) -> torch.Tensor | None:
+    """Relative sampling weight of each timestep; None for uniform (``--timestep-bias none``).
+
+    The biased portion (the noisiest timesteps for ``later``, the cleanest for ``earlier``) is drawn
+    ``multiplier`` times as often as the rest. An image adapter decides the subject's shape and colours at
+    high noise (at low noise the noisy latent already shows them), so ``later`` spends more of the
+    budget where the image condition matters.
+    """
+    if s.timestep_bias == "none" or s.timestep_bias_multiplier == 1.0:
+        return None
+    weights = torch.ones(s.num_timesteps, dtype=torch.float64)
+    count = max(1, round(s.timestep_bias_portion * s.num_timesteps))
+    part = slice(s.num_timesteps - count, None) if s.timestep_bias == "later" else slice(0, count)
+    weights[part] *= s.timestep_bias_multiplier
+    return weights
 
 
 def draw(seed: int, slot: int, s: DrawSettings) -> dict[str, Any]:
@@ -49,7 +72,13 @@ def draw(seed: int, slot: int, s: DrawSettings) -> dict[str, Any]:
     u = float(torch.rand((), generator=g))
     drop_image = u < s.drop_image or s.drop_image + s.drop_text <= u < s.drop_image + s.drop_text + s.drop_both
     drop_text = s.drop_image <= u < s.drop_image + s.drop_text + s.drop_both
-    timestep = torch.randint(0, s.num_timesteps, (), generator=g)
+    weights = timestep_weights(s)
+    if weights is None:
+        timestep = torch.randint(0, s.num_timesteps, (), generator=g)
+    else:  # inverse CDF of the weights
+        cdf = weights.cumsum(0) / weights.sum()
+        timestep = torch.searchsorted(cdf, torch.rand((), generator=g, dtype=torch.float64).reshape(1))[0].clamp(
+            max=s.num_timesteps - 1)
     noise = torch.randn(s.latent_shape, generator=g)  # (C, h, w)
     latent_eps = torch.randn(s.latent_shape, generator=g)  # samples the VAE posterior
     offset = torch.randn((s.latent_shape[0], 1, 1), generator=g)

@@ -161,7 +161,8 @@ def draw_settings(run: Run) -> DrawSettings:
     else:
         shape = tuple(run.train_source.load(0, torch.zeros(2))["latent_mean"].shape)
     return DrawSettings(shape, run.models.noise_scheduler.config.num_train_timesteps,  # type: ignore[arg-type]
-                        c.drop_image, c.drop_text, c.drop_both, c.noise_offset)
+                        c.drop_image, c.drop_text, c.drop_both, c.noise_offset, c.timestep_bias,
+                        c.timestep_bias_portion, c.timestep_bias_multiplier)
 
 
 def build_trainer(run: Run) -> tuple[AdapterTrainer, Any, Any, AdapterSpec]:
