@@ -88,6 +88,23 @@ def test_colour_histogram_ignores_the_background():
     assert np.abs(on_black - on_white).sum() < 0.3 < np.abs(on_black - other).sum()  # colours, not background
 
 
+def test_identity_tuning_trains_the_vision_tower_and_leaves_the_text_tower_bit_identical():
+    import torch
+
+    from lookalike.world.models import clip_model
+    from lookalike.world.pretrain import tune_clip_vision
+
+    torch.manual_seed(0)
+    bank = render_bank(make_split(0).train[:12], 48, seed=3)
+    clip = clip_model(0)
+    text_before = {k: v.clone() for k, v in clip.text_model.state_dict().items()}
+    vision_before = {k: v.clone() for k, v in clip.vision_model.state_dict().items()}
+    losses = tune_clip_vision(clip, bank, steps=25, seed=1, batch=12, lr=1e-3)
+    assert all(torch.equal(v, clip.text_model.state_dict()[k]) for k, v in text_before.items())
+    assert any(not torch.equal(v, clip.vision_model.state_dict()[k]) for k, v in vision_before.items())
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])  # every batch holds the 12 identities: the loss must fall
+
+
 def test_training_records_feed_the_reference_file_to_the_image_encoder(tmp_path):
     target, reference = tmp_path / "t.png", tmp_path / "r.png"
     identity = Identity("diamond", "blue", "orange", "bordered")

@@ -62,6 +62,59 @@ def train_clip(bank: Bank, steps: int, seed: int, batch: int = 128, lr: float = 
     return model.eval().requires_grad_(False), losses
 
 
+def tune_clip_vision(model: object, bank: Bank, steps: int, seed: int, batch: int = 128,
+                     lr: float = 3e-4) -> list[float]:
+    """Continue the vision tower alone, contrastively against identity descriptions, the text tower locked.
+
+    Joint pretraining pairs each render with its whole caption (identity and scene), and its random batches
+    rarely hold two subjects that differ only in shape; here every batch holds distinct identities (many of
+    them sharing colours) and the text side names only the identity, so the image embedding learns what the
+    adapter needs to carry. The text tower (which the base model is trained on) is not changed.
+    """
+    tok = world_tokenizer()
+    names = sorted({i.name for i in bank.identities})
+    by_name = {n: k for k, n in enumerate(names)}
+    first = {}
+    for i in bank.identities:
+        first.setdefault(i.name, i)
+    rows_of: list[list[int]] = [[] for _ in names]
+    for r, i in enumerate(bank.identities):
+        rows_of[by_name[i.name]].append(r)
+    model.eval()
+    with torch.no_grad():
+        text = tok([first[n].description() for n in names], padding="max_length", max_length=tok.model_max_length,
+                   truncation=True, return_tensors="pt")
+        pooled = model.text_model(input_ids=text.input_ids, attention_mask=text.attention_mask).pooler_output
+        text_embeds = F.normalize(model.text_projection(pooled), dim=-1)
+    params = [*model.vision_model.parameters(), *model.visual_projection.parameters(), model.logit_scale]
+    for p in params:
+        p.requires_grad_(True)
+    model.vision_model.train()
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.1)
+    rng = np.random.default_rng(seed)
+    batch = min(batch, len(names))
+
+    def step_fn(step: int) -> float:
+        ids = rng.choice(len(names), size=batch, replace=False)
+        rows = [rows_of[k][rng.integers(len(rows_of[k]))] for k in ids]
+        images = bank.images[rows]
+        for g in opt.param_groups:
+            g["lr"] = lr * cosine_lr(step, steps, max(1, steps // 20))
+        pixels = to_clip_pixels([Image.fromarray(x) for x in images], images.shape[1])
+        image_embeds = F.normalize(model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output), dim=-1)
+        logits = model.logit_scale.exp() * image_embeds @ text_embeds[torch.as_tensor(ids)].T  # (B, B)
+        target = torch.arange(batch)
+        loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+
+    losses = _loop(steps, step_fn, "world: CLIP vision (identity)")
+    model.eval().requires_grad_(False)
+    return losses
+
+
 def train_vae(bank: Bank, steps: int, seed: int, batch: int = 32, lr: float = 1e-3,
               kl_weight: float = 1e-6) -> tuple[object, list[float]]:
     """Reconstruction (MSE) with a small KL term, as latent-diffusion autoencoders are trained; sets the
