@@ -1,6 +1,6 @@
 """One command rebuilds the world from scratch: data -> CLIP -> VAE -> base UNet -> adapter -> judge -> evaluation.
 
-    lookalike demo --rebuild DIR            # about 95 minutes on two CPU cores, seeded
+    lookalike demo --rebuild DIR            # about 107 minutes on two CPU cores, seeded
     lookalike demo --rebuild DIR --quick    # every stage, tiny budgets (a few minutes; what CI runs)
 
 Each stage writes its outputs under DIR and is skipped when they are already there, so an interrupted

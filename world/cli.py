@@ -14,7 +14,7 @@ def add_demo_parser(sub: Any) -> None:
                     "on a procedural world of coloured, patterned shapes. It knows only that world. "
                     "--out writes held-out references beside what the model drew from them with new captions; "
                     "--evaluate measures identity retrieval (K=10 held-out subjects) and text control; "
-                    "--rebuild retrains everything from scratch (about 95 minutes on two CPU cores).",
+                    "--rebuild retrains everything from scratch (about 107 minutes on two CPU cores).",
         epilog="Examples: lookalike demo --out demo/ ; lookalike demo --evaluate ; lookalike demo --rebuild build/ "
                "(add --quick for a minutes-long run of every stage).")
     p.add_argument("--out", metavar="DIR", help="write demo_grid.png (and the references) into DIR")
