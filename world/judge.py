@@ -78,7 +78,7 @@ def train_judge(identities: tuple[Identity, ...], focus: tuple[Identity, ...], v
     from tqdm.auto import tqdm
 
     from .data import draw_scenes, to_unit
-    from .pretrain import cosine_lr
+    from .pretrain import cosine_lr, descend
 
     torch.manual_seed(seed)
     judge = Judge().train()
@@ -96,13 +96,9 @@ def train_judge(identities: tuple[Identity, ...], focus: tuple[Identity, ...], v
                 x[: batch // 2] = vae.decode(vae.encode(half).latent_dist.mean).sample.clamp(-1, 1)
         x = degrade(x, g)
         want = targets(ids_a + ids_b)
-        for group in opt.param_groups:
-            group["lr"] = lr * cosine_lr(step, steps, max(1, steps // 20))
         logits = judge(x)
         loss = sum(F.cross_entropy(logits[k], want[k]) for k in HEADS)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        descend(opt, loss, lr * cosine_lr(step, steps, max(1, steps // 20)))
         losses.append(float(loss.detach()))
     return judge.eval().requires_grad_(False), losses
 

@@ -26,6 +26,17 @@ def cosine_lr(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+def descend(opt: torch.optim.Optimizer, loss: torch.Tensor, lr: float, clip: list | None = None) -> None:
+    """One optimizer step at learning rate ``lr`` (gradients of ``clip`` clipped to norm 1 when given)."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(clip, 1.0)
+    opt.step()
+
+
 def _loop(total: int, step_fn: Callable[[int], float], desc: str) -> list[float]:
     losses = []
     bar = tqdm(range(total), desc=desc, dynamic_ncols=True, mininterval=2.0)
@@ -48,14 +59,10 @@ def train_clip(bank: Bank, steps: int, seed: int, batch: int = 128, lr: float = 
         images = bank.images[rows]
         text = tok([clip_caption(bank.identities[r], bank.scenes[r]) for r in rows], padding="max_length",
                    max_length=tok.model_max_length, truncation=True, return_tensors="pt")
-        for g in opt.param_groups:
-            g["lr"] = lr * cosine_lr(step, steps, max(1, steps // 20))
         out = model(input_ids=text.input_ids, attention_mask=text.attention_mask,
                     pixel_values=to_clip_pixels([Image.fromarray(x) for x in images], images.shape[1]),
                     return_loss=True)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        opt.step()
+        descend(opt, out.loss, lr * cosine_lr(step, steps, max(1, steps // 20)))
         return float(out.loss.detach())
 
     losses = _loop(steps, step_fn, "world: CLIP")
@@ -98,16 +105,12 @@ def tune_clip_vision(model: object, bank: Bank, steps: int, seed: int, batch: in
         ids = rng.choice(len(names), size=batch, replace=False)
         rows = [rows_of[k][rng.integers(len(rows_of[k]))] for k in ids]
         images = bank.images[rows]
-        for g in opt.param_groups:
-            g["lr"] = lr * cosine_lr(step, steps, max(1, steps // 20))
         pixels = to_clip_pixels([Image.fromarray(x) for x in images], images.shape[1])
         image_embeds = F.normalize(model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output), dim=-1)
         logits = model.logit_scale.exp() * image_embeds @ text_embeds[torch.as_tensor(ids)].T  # (B, B)
         target = torch.arange(batch)
         loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        descend(opt, loss, lr * cosine_lr(step, steps, max(1, steps // 20)))
         return float(loss.detach())
 
     losses = _loop(steps, step_fn, "world: CLIP vision (identity)")
@@ -125,16 +128,11 @@ def train_vae(bank: Bank, steps: int, seed: int, batch: int = 32, lr: float = 1e
 
     def step_fn(step: int) -> float:
         x = to_unit(bank.images[rng.integers(len(bank), size=batch)])
-        for g in opt.param_groups:
-            g["lr"] = lr * cosine_lr(step, steps, max(1, steps // 20))
         dist = vae.encode(x).latent_dist
         recon = vae.decode(dist.sample()).sample
         mse = F.mse_loss(recon, x)
         kl = dist.kl().mean() / x[0].numel()
-        loss = mse + kl_weight * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        descend(opt, mse + kl_weight * kl, lr * cosine_lr(step, steps, max(1, steps // 20)))
         return float(mse.detach())
 
     losses = _loop(steps, step_fn, "world: VAE")
@@ -203,15 +201,10 @@ def train_base(bank: Bank, vae: object, text_encoder: object, steps: int, seed: 
         noise = torch.randn(x0.shape, generator=g)
         noisy = sched.add_noise(x0, noise, t)
         target = sched.get_velocity(x0, noise, t)
-        for group in opt.param_groups:
-            group["lr"] = lr * cosine_lr(step, steps, max(1, steps // 25))
         pred = unet(noisy, t, contexts[cap]).sample
         per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
         loss = (per_sample * min_snr_weight(sched, t)).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
+        descend(opt, loss, lr * cosine_lr(step, steps, max(1, steps // 25)), clip=list(unet.parameters()))
         decay = min(ema_decay, (1.0 + step) / (10.0 + step))
         with torch.no_grad():
             for pe, p in zip(ema.parameters(), unet.parameters()):
