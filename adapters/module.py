@@ -34,6 +34,11 @@ def _same_features(a: Features, b: Features) -> bool:
         and torch.equal(a[k], b[k]) for k in a)
 
 
+def _version(t: torch.Tensor) -> int | None:
+    """The tensor's version counter (bumped by in-place edits); None for inference tensors, which have none."""
+    return None if t.is_inference() else t._version
+
+
 def attention_layers(unet: nn.Module) -> list[AttnLayer]:
     """Every attention layer of a diffusers UNet, with sizes read from the modules themselves."""
     layers = []
@@ -151,22 +156,22 @@ class IPAdapter(nn.Module):
             return self.project(features)
         state = self._weights_state()
         memory = self.__dict__.setdefault("_projected", [])
-        for entry_state, entry_features, tokens in memory:
-            if entry_state == state and _same_features(entry_features, features):
-                return tokens
+        for entry_state, entry_features, tokens, version in memory:
+            if entry_state == state and _same_features(entry_features, features) and _version(tokens) == version:
+                return tokens  # (an in-place edit of handed-out tokens bumps their version: projected again)
         tokens = self.project(features)
-        if state is not None:
-            memory.insert(0, (state, {k: v.clone() for k, v in features.items()}, tokens))
+        if state is not None and _version(tokens) is not None:
+            memory.insert(0, (state, {k: v.clone() for k, v in features.items()}, tokens, _version(tokens)))
             del memory[self.PROJECTED_KEPT:]
         return tokens
 
     PROJECTED_KEPT = 4  # the negative, and a few subjects
 
     def _weights_state(self) -> tuple | None:
-        try:
-            return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.image_proj.parameters())
-        except RuntimeError:  # inference tensors carry no version counter: never remember
+        params = list(self.image_proj.parameters())
+        if any(p.is_inference() for p in params):  # no version counter to watch: never remember
             return None
+        return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
 
     def _apply(self, fn, recurse: bool = True):  # .to(), .half(), .cuda(): projected tokens are stale
         self.__dict__.pop("_projected", None)

@@ -221,3 +221,15 @@ def test_nothing_is_remembered_while_gradients_are_recorded():
     feats = {"pooled": features_for(adapter.spec)["pooled"]}
     tokens = adapter.project_once(feats)
     assert tokens.requires_grad and not adapter.__dict__.get("_projected")
+
+
+def test_remembered_tokens_edited_in_place_are_projected_again():
+    pipe = fresh_pipe("sd15")
+    adapter = random_adapter(REGISTRY["ip-adapter_sd15"], pipe)
+    feats = {"pooled": features_for(adapter.spec)["pooled"]}
+    with torch.no_grad():
+        first = adapter.project_once(feats)
+        expected = first.clone()
+        first.mul_(0.0)  # a caller scribbles on the tokens it was given
+        again = adapter.project_once(feats)
+    assert torch.equal(again, expected)
