@@ -143,6 +143,8 @@ class IPAdapter(nn.Module):
         tokens = self.image_proj(flat)  # (B*I, T, C)
         return tokens.reshape((b, i) + tuple(tokens.shape[1:]))
 
+    PROJECTED_KEPT = 4  # remembered projections: the negative, and a few subjects
+
     def project_once(self, features: Features) -> torch.Tensor:
         """:meth:`project`, remembering the last few results while the projector's weights are unchanged.
 
@@ -165,13 +167,10 @@ class IPAdapter(nn.Module):
             del memory[self.PROJECTED_KEPT:]
         return tokens
 
-    PROJECTED_KEPT = 4  # the negative, and a few subjects
-
     def _weights_state(self) -> tuple | None:
-        params = list(self.image_proj.parameters())
-        if any(p.is_inference() for p in params):  # no version counter to watch: never remember
-            return None
-        return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        """What changes when the projector's weights do; None (never remember) for inference tensors."""
+        state = tuple((p.data_ptr(), _version(p), p.dtype, p.device) for p in self.image_proj.parameters())
+        return None if any(s[1] is None for s in state) else state
 
     def _apply(self, fn, recurse: bool = True):  # .to(), .half(), .cuda(): projected tokens are stale
         self.__dict__.pop("_projected", None)

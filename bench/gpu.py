@@ -83,9 +83,12 @@ def modes(base: str, args: argparse.Namespace, device: str, dtype: torch.dtype) 
     }
 
 
-def parity(modes_: dict[str, Any], steps: int) -> float:
-    """Max abs difference between diffusers' and lookalike's final latents (same weights, seed, inputs)."""
-    outs = {n: call().images.float() for n, (_, call) in modes_.items() if n != "bare"}
+def final_latents(modes_: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """diffusers' and lookalike's final latents (same weights, seed and inputs)."""
+    return {n: call().images.float() for n, (_, call) in modes_.items() if n != "bare"}
+
+
+def max_diff(outs: dict[str, torch.Tensor]) -> float:
     return float((outs["diffusers"] - outs["lookalike"]).abs().max())
 
 
@@ -109,7 +112,7 @@ def run_base(base: str, args: argparse.Namespace, device: str, dtype: torch.dtyp
              out: Any) -> None:
     """Rows for one base model: each mode eager, then compiled; a failing mode prints its error, not a traceback."""
     built = modes(base, args, device, dtype)
-    report(f"| {base} | parity | diffusers vs lookalike final latents, max abs diff: {parity(built, args.steps):.2e}"
+    report(f"| {base} | parity | diffusers vs lookalike final latents, max abs diff: {max_diff(final_latents(built)):.2e}"
            " | | | | |", out)
     bare = None
     for name, (pipe, call) in built.items():
@@ -141,10 +144,9 @@ def reduced_precision(args: argparse.Namespace, device: str, out: Any) -> None:
     for dtype in (torch.bfloat16, torch.float16):
         short = argparse.Namespace(**{**vars(args), "steps": 4})
         built = modes("sd15", short, device, dtype)
-        lat = built["lookalike"][1]().images.float()
-        diff = parity(built, 4)
-        report(f"{dtype}: lookalike latents finite={bool(lat.isfinite().all())}, vs diffusers max abs diff {diff:.2e}",
-               out)
+        outs = final_latents(built)
+        report(f"{dtype}: lookalike latents finite={bool(outs['lookalike'].isfinite().all())}, vs diffusers max abs "
+               f"diff {max_diff(outs):.2e}", out)
         del built
 
 
@@ -175,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         reduced_precision(args, device, out)
     if args.sdxl or args.only_sdxl:
         run_base("sdxl", args, device, dtype, args.sdxl_compile and not args.no_compile, out)
+    if out is not None:
+        out.close()
     return 0
 
 

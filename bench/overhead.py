@@ -1,7 +1,8 @@
 """Adapter overhead per generation: bare UNet vs lookalike vs diffusers' IP-Adapter, side by side in one run.
 
 A "generation" is what a pipeline does with the UNet: project the image features (lookalike: a new subject
-once per generation, the unconditional input once while the weights last; diffusers: both inside every UNet call) and run ``--steps`` UNet calls with classifier-free guidance (batch 2).
+once per generation, the unconditional input once while the weights last; diffusers: both inside every UNet
+call) and run ``--steps`` UNet calls with classifier-free guidance (batch 2).
 One full-size SD1.5 UNet (random weights) is shared by all modes; processors are swapped between runs,
 and runs are interleaved so drift hits every mode alike. Prints medians and ratios to bare.
 

@@ -175,7 +175,7 @@ def test_timestep_bias_draws_the_biased_portion_as_often_as_the_multiplier_says(
          for name, s in (("uniform", uniform), ("later", later), ("earlier", earlier))}
     assert abs(float((t["uniform"] >= 750).float().mean()) - 0.25) < 0.03
     assert abs(float((t["later"] >= 750).float().mean()) - 0.5) < 0.03  # 3 * 0.25 / (3 * 0.25 + 0.75)
-    assert int(t["earlier"].min()) >= 500 and int(t["later"].max()) <= 999
+    assert int(t["earlier"].min()) >= 500 and int(t["later"].min()) < 100  # 'later' still draws the rest
     assert torch.equal(draw(2, 5, later)["timestep"], draw(2, 5, later)["timestep"])
 
 

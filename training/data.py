@@ -8,6 +8,7 @@ continues exactly where it stopped. An unreadable record is replaced by the next
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -49,8 +50,9 @@ class DrawSettings:
 TIMESTEP_BIASES = ("none", "later", "earlier")
 
 
-def timestep_weights(s: DrawSettings) -> torch.Tensor | None:
-    """Relative sampling weight of each timestep; None for uniform (``--timestep-bias none``).
+@functools.cache
+def timestep_cdf(s: DrawSettings) -> torch.Tensor | None:
+    """Cumulative sampling probability of each timestep; None for uniform (``--timestep-bias none``).
 
     The biased portion (the noisiest timesteps for ``later``, the cleanest for ``earlier``) is drawn
     ``multiplier`` times as often as the rest. An image adapter decides the subject's shape and colours at
@@ -63,7 +65,7 @@ def timestep_weights(s: DrawSettings) -> torch.Tensor | None:
     count = max(1, round(s.timestep_bias_portion * s.num_timesteps))
     part = slice(s.num_timesteps - count, None) if s.timestep_bias == "later" else slice(0, count)
     weights[part] *= s.timestep_bias_multiplier
-    return weights
+    return weights.cumsum(0) / weights.sum()
 
 
 def draw(seed: int, slot: int, s: DrawSettings) -> dict[str, Any]:
@@ -72,11 +74,10 @@ def draw(seed: int, slot: int, s: DrawSettings) -> dict[str, Any]:
     u = float(torch.rand((), generator=g))
     drop_image = u < s.drop_image or s.drop_image + s.drop_text <= u < s.drop_image + s.drop_text + s.drop_both
     drop_text = s.drop_image <= u < s.drop_image + s.drop_text + s.drop_both
-    weights = timestep_weights(s)
-    if weights is None:
+    cdf = timestep_cdf(s)
+    if cdf is None:
         timestep = torch.randint(0, s.num_timesteps, (), generator=g)
-    else:  # inverse CDF of the weights
-        cdf = weights.cumsum(0) / weights.sum()
+    else:  # inverse CDF
         timestep = torch.searchsorted(cdf, torch.rand((), generator=g, dtype=torch.float64).reshape(1))[0].clamp(
             max=s.num_timesteps - 1)
     noise = torch.randn(s.latent_shape, generator=g)  # (C, h, w)

@@ -79,17 +79,14 @@ def tune_clip_vision(model: object, bank: Bank, steps: int, seed: int, batch: in
     adapter needs to carry. The text tower (which the base model is trained on) is not changed.
     """
     tok = world_tokenizer()
-    names = sorted({i.name for i in bank.identities})
-    by_name = {n: k for k, n in enumerate(names)}
-    first = {}
-    for i in bank.identities:
-        first.setdefault(i.name, i)
-    rows_of: list[list[int]] = [[] for _ in names]
+    rows_by_identity: dict = {}
     for r, i in enumerate(bank.identities):
-        rows_of[by_name[i.name]].append(r)
+        rows_by_identity.setdefault(i, []).append(r)
+    identities = sorted(rows_by_identity, key=lambda i: i.name)
+    rows_of = [rows_by_identity[i] for i in identities]
     model.eval()
     with torch.no_grad():
-        text = tok([first[n].description() for n in names], padding="max_length", max_length=tok.model_max_length,
+        text = tok([i.description() for i in identities], padding="max_length", max_length=tok.model_max_length,
                    truncation=True, return_tensors="pt")
         pooled = model.text_model(input_ids=text.input_ids, attention_mask=text.attention_mask).pooler_output
         text_embeds = F.normalize(model.text_projection(pooled), dim=-1)
@@ -99,10 +96,10 @@ def tune_clip_vision(model: object, bank: Bank, steps: int, seed: int, batch: in
     model.vision_model.train()
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.1)
     rng = np.random.default_rng(seed)
-    batch = min(batch, len(names))
+    batch = min(batch, len(identities))
 
     def step_fn(step: int) -> float:
-        ids = rng.choice(len(names), size=batch, replace=False)
+        ids = rng.choice(len(identities), size=batch, replace=False)
         rows = [rows_of[k][rng.integers(len(rows_of[k]))] for k in ids]
         images = bank.images[rows]
         pixels = to_clip_pixels([Image.fromarray(x) for x in images], images.shape[1])
@@ -189,7 +186,8 @@ def train_base(bank: Bank, vae: object, text_encoder: object, steps: int, seed: 
     rows_caption = torch.tensor([index[caption(s)] for s in bank.scenes])
     unet = unet_model(seed).train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(unet.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.01)
+    params = list(unet.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.01)
     g = torch.Generator().manual_seed(seed + 1)
 
     def step_fn(step: int) -> float:
@@ -204,7 +202,7 @@ def train_base(bank: Bank, vae: object, text_encoder: object, steps: int, seed: 
         pred = unet(noisy, t, contexts[cap]).sample
         per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
         loss = (per_sample * min_snr_weight(sched, t)).mean()
-        descend(opt, loss, lr * cosine_lr(step, steps, max(1, steps // 25)), clip=list(unet.parameters()))
+        descend(opt, loss, lr * cosine_lr(step, steps, max(1, steps // 25)), clip=params)
         decay = min(ema_decay, (1.0 + step) / (10.0 + step))
         with torch.no_grad():
             for pe, p in zip(ema.parameters(), unet.parameters()):
