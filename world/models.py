@@ -62,9 +62,9 @@ def unet_model(seed: int) -> Any:
 
     ``attention_head_dim=32`` is, in UNet2DConditionModel's SD1.5-era naming, the number of heads: 32 heads of
     4 channels. A variant with 32-channel heads (2/4/4) and cross-attention at 16x16 as well was rebuilt and
-    measured (base and adapter retrained, same seeds and data): identity top-1 0.41 against this model's 0.46
-    (``plus``, 600 steps: 0.20 on it, 0.24 on this one), so it was not adopted; neither head width nor attention resolution
-    is what limits the demo's identity.
+    measured (same seeds and data; base 2,800 steps, adapter 2,000 rather than 2,400): identity top-1 0.41
+    against this model's 0.46, and ``plus`` (600 steps) 0.20 on it against 0.24 on this one. It was not adopted:
+    neither head width nor attention resolution is what limits the demo's identity.
     """
     from diffusers import UNet2DConditionModel
 
