@@ -110,6 +110,18 @@ def test_the_cache_trains_like_live_encoding_without_loading_encoders(tmp_path, 
         train(run_config(tmp_path, data, out="other", cache=str(cache), resolution=16, **common))
 
 
+def test_the_cache_knows_a_local_base_by_its_folder_not_by_how_its_path_was_written(tmp_path, monkeypatch):
+    from lookalike.adapters.spec import get_spec
+
+    (tmp_path / "sd").mkdir()
+    monkeypatch.chdir(tmp_path)
+    spec = get_spec("basic", "sd15")
+    stamp = lambda base: loop.fingerprint(run_config(tmp_path, "data", base=base), spec, 32, 4)  # noqa: E731
+    assert stamp("sd") == stamp(str(tmp_path / "sd")) == stamp("./sd/")
+    assert stamp("sd")["base"] == str((tmp_path / "sd").resolve())
+    assert stamp("org/model")["base"] == "org/model" and stamp("demo")["base"] == "demo"  # hub ids and presets
+
+
 def test_validation_holds_references_out_and_writes_a_grid(tmp_path):
     data = write_json_set(tmp_path / "data", 6)
     result = train(run_config(tmp_path, data, steps=2, num_validation=2, validate_every=1, validation_steps=2))

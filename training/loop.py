@@ -107,9 +107,16 @@ def image_source(run_models: Models, records: list[Record], spec: AdapterSpec, r
                        face_normed=spec.face_normed, **extra)
 
 
+def _model_source(name: str) -> str:
+    """A local model folder as its absolute path (``./sd`` and ``/abs/sd`` are one model); a hub id or preset as given."""
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
+
+
 def fingerprint(config: TrainConfig, spec: AdapterSpec, resolution: int, records: int) -> dict[str, Any]:
     """What a cache depends on; a cache built with anything else is refused."""
-    return {"base": config.base, "features": list(spec.features), "image_encoder": config.image_encoder or "default",
+    encoder = _model_source(config.image_encoder) if config.image_encoder else "default"
+    return {"base": _model_source(config.base), "features": list(spec.features), "image_encoder": encoder,
             "resolution": resolution, "data": str(Path(config.data).expanduser().resolve()), "records": records,
             "dtype": config.cache_dtype, "face_normed": spec.face_normed}
 
