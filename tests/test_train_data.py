@@ -113,12 +113,17 @@ def test_the_cache_trains_like_live_encoding_without_loading_encoders(tmp_path, 
 def test_the_cache_knows_a_local_base_by_its_folder_not_by_how_its_path_was_written(tmp_path, monkeypatch):
     from lookalike.adapters.spec import get_spec
 
-    (tmp_path / "sd").mkdir()
+    for folder in ("sd", "enc", "demo"):  # "demo" is also a preset, which the loader takes before the folder
+        (tmp_path / folder).mkdir()
     monkeypatch.chdir(tmp_path)
     spec = get_spec("basic", "sd15")
-    stamp = lambda base: loop.fingerprint(run_config(tmp_path, "data", base=base), spec, 32, 4)  # noqa: E731
+
+    def stamp(base: str, encoder: str | None = None) -> dict:
+        return loop.fingerprint(run_config(tmp_path, "data", base=base, image_encoder=encoder), spec, 32, 4)
+
     assert stamp("sd") == stamp(str(tmp_path / "sd")) == stamp("./sd/")
     assert stamp("sd")["base"] == str((tmp_path / "sd").resolve())
+    assert stamp("sd", "enc") == stamp("sd", str(tmp_path / "enc"))
     assert stamp("org/model")["base"] == "org/model" and stamp("demo")["base"] == "demo"  # hub ids and presets
 
 

@@ -10,13 +10,14 @@ import gc
 import logging
 import time
 from collections import Counter, deque
+from collections.abc import Container
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..adapters.spec import AdapterSpec
+from ..adapters.spec import ENCODERS, AdapterSpec
 from .cache import CacheSource, build_cache, cache_constants, read_manifest
 from .checkpoint import EMA, TrainState, check_resumable, export_adapter, resume_folder, save_checkpoint
 from .config import DEMO_BASES, TrainConfig
@@ -107,16 +108,17 @@ def image_source(run_models: Models, records: list[Record], spec: AdapterSpec, r
                        face_normed=spec.face_normed, **extra)
 
 
-def _model_source(name: str) -> str:
-    """A local model folder as its absolute path (``./sd`` and ``/abs/sd`` are one model); a hub id or preset as given."""
+def _model_source(name: str, presets: Container[str]) -> str:
+    """A local model folder as its absolute path (``./sd`` and ``/abs/sd`` are one model); a preset (which the
+    loaders take before a folder of the same name) or a hub id as given."""
     path = Path(name).expanduser()
-    return str(path.resolve()) if path.exists() else name
+    return str(path.resolve()) if name not in presets and path.exists() else name
 
 
 def fingerprint(config: TrainConfig, spec: AdapterSpec, resolution: int, records: int) -> dict[str, Any]:
     """What a cache depends on; a cache built with anything else is refused."""
-    encoder = _model_source(config.image_encoder) if config.image_encoder else "default"
-    return {"base": _model_source(config.base), "features": list(spec.features), "image_encoder": encoder,
+    encoder = _model_source(config.image_encoder, ENCODERS) if config.image_encoder else "default"
+    return {"base": _model_source(config.base, DEMO_BASES), "features": list(spec.features), "image_encoder": encoder,
             "resolution": resolution, "data": str(Path(config.data).expanduser().resolve()), "records": records,
             "dtype": config.cache_dtype, "face_normed": spec.face_normed}
 
