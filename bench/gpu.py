@@ -36,25 +36,39 @@ def plus_adapter(pipe: Any, base: str, tiny: bool) -> tuple[IPAdapter, torch.Ten
     return adapter, torch.randn(1, 1, 257, spec.embed_dim)
 
 
-def measure(fn: Any, runs: int, device: str) -> tuple[float, float]:
-    """Median seconds per call after two warm-ups, and peak GPU memory in GiB (0 on the CPU).
+def measure(calls: dict[str, Any], runs: int, device: str) -> tuple[dict[str, tuple[float, float]], dict[str, str]]:
+    """Per mode: median seconds per call and peak GPU memory in GiB (0 on the CPU), the modes interleaved.
 
-    Two: on the H100 one SDXL mode measured right after the parity check once read 2x slow after one warm-up.
+    Every mode is warmed up twice, then the timed runs go round the modes (the starting mode rotates), so a
+    drift of the machine falls on all of them alike. Measured one mode after another, SD1.5 on a lent H200 read
+    bare 0.90 / 1.10 / 1.66 s in three calls of one lease, and diffusers 1.18 then 1.80 s: more than the adapters'
+    own cost. A mode whose call raises is left out of the timings and its error is returned beside them.
     """
-    fn()
-    fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
-    return statistics.median(times), peak
+    errors: dict[str, str] = {}
+    live = dict(calls)
+    for name, fn in list(live.items()):
+        try:
+            fn()
+            fn()
+        except Exception as exc:  # noqa: BLE001 - one failing mode must not lose the others' rows
+            errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:150]}"
+            del live[name]
+    times: dict[str, list[float]] = {name: [] for name in live}
+    peaks = dict.fromkeys(live, 0.0)
+    order = list(live)
+    for run in range(runs):
+        shift = run % max(len(order), 1)
+        for name in order[shift:] + order[:shift]:
+            if device == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            live[name]()
+            if device == "cuda":
+                torch.cuda.synchronize()
+                peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated() / 2**30)
+            times[name].append(time.perf_counter() - start)
+    return {name: (statistics.median(times[name]), peaks[name]) for name in live}, errors
 
 
 def modes(base: str, args: argparse.Namespace, device: str, dtype: torch.dtype) -> dict[str, Any]:
@@ -110,33 +124,41 @@ def report(line: str, out: Any) -> None:
 
 def run_base(base: str, args: argparse.Namespace, device: str, dtype: torch.dtype, compile_: bool,
              out: Any) -> None:
-    """Rows for one base model: each mode eager, then compiled; a failing mode prints its error, not a traceback."""
+    """Rows for one base model: the modes timed interleaved eager, then each compiled and all timed interleaved
+    again; a failing mode prints its error as its row, not a traceback."""
     built = modes(base, args, device, dtype)
     report(f"| {base} | parity | diffusers vs lookalike final latents, max abs diff: {max_diff(final_latents(built)):.2e}"
            " | | | | |", out)
-    bare = None
-    for name, (pipe, call) in built.items():
-        try:
-            eager, mem = measure(call, args.runs, device)
-            bare = eager if name == "bare" else bare
-            compiled, compile_s, breaks = float("nan"), float("nan"), -1
-            if compile_:
-                torch._dynamo.reset()
+    chosen = {name: built[name] for name in args.modes.split(",") if name in built}
+    eager, errors = measure({name: call for name, (_, call) in chosen.items()}, args.runs, device)
+    compiled: dict[str, tuple[float, float]] = {}
+    compile_s: dict[str, float] = {}
+    breaks: dict[str, int] = {}
+    if compile_:
+        for name in eager:
+            pipe, call = chosen[name]
+            try:
                 pipe.unet = torch.compile(pipe.unet, backend="eager" if args.tiny else "inductor")
                 start = time.perf_counter()
-                breaks = graph_breaks(call)  # the first call compiles
-                compile_s = time.perf_counter() - start
-                compiled, _ = measure(call, args.runs, device)
-            ratio, cratio = (eager / bare, compiled / bare) if bare else (float("nan"), float("nan"))
-            report(f"| {base} | {name} | {eager:.3f} | {compiled:.3f} | {compile_s:.0f} | {breaks} | {mem:.2f} | "
-                   f"{ratio:.3f}x | {cratio:.3f}x |", out)
-        except Exception as exc:  # noqa: BLE001 - one failing mode must not lose the others' rows
-            report(f"| {base} | {name} | failed: {type(exc).__name__}: {str(exc).splitlines()[0][:150]} | | | | | |",
-                   out)
-        del pipe
-        if device == "cuda":
-            torch.cuda.empty_cache()
-    del built
+                breaks[name] = graph_breaks(call)  # the first call compiles
+                compile_s[name] = time.perf_counter() - start
+            except Exception as exc:  # noqa: BLE001
+                errors[name] = f"compile: {type(exc).__name__}: {str(exc).splitlines()[0][:150]}"
+        compiled, compile_errors = measure({name: chosen[name][1] for name in compile_s}, args.runs, device)
+        errors.update(compile_errors)
+    bare = eager.get("bare", (float("nan"), 0.0))[0]
+    for name in chosen:
+        if name in errors:
+            report(f"| {base} | {name} | failed: {errors[name]} | | | | | |", out)
+        if name not in eager:
+            continue
+        secs, mem = eager[name]
+        csecs = compiled.get(name, (float("nan"), 0.0))[0]
+        report(f"| {base} | {name} | {secs:.3f} | {csecs:.3f} | {compile_s.get(name, float('nan')):.0f} | "
+               f"{breaks.get(name, -1)} | {mem:.2f} | {secs / bare:.3f}x | {csecs / bare:.3f}x |", out)
+    del built, chosen
+    if device == "cuda":
+        torch.cuda.empty_cache()
 
 
 def reduced_precision(args: argparse.Namespace, device: str, out: Any) -> None:
@@ -159,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--only-sdxl", action="store_true", help="skip SD1.5 and the precision checks")
+    parser.add_argument("--modes", default="bare,diffusers,lookalike",
+                        help="which rows to time (the parity line always compares diffusers and lookalike)")
     parser.add_argument("--out", default=None, help="also write the table to this file as it grows")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -169,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     report(f"{name}, torch {torch.__version__}, {dtype}, {args.steps} steps, guidance 7.5, plus adapter "
            f"(257 tokens), median of {args.runs}; compiled = torch.compile(unet) inductor, default mode", out)
+    report("Modes are timed interleaved (round robin, rotating start) so that a drift of the machine falls on all.", out)
     report("| base | mode | eager s/img | compiled s/img | compile s | graph breaks | peak GiB (eager) | eager vs bare | compiled vs bare eager |",
            out)
     report("|---|---|---|---|---|---|---|---|---|", out)
