@@ -36,6 +36,11 @@ def plus_adapter(pipe: Any, base: str, tiny: bool) -> tuple[IPAdapter, torch.Ten
     return adapter, torch.randn(1, 1, 257, spec.embed_dim)
 
 
+def one_line(exc: Exception) -> str:
+    """An error as one short table cell."""
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:150] if str(exc) else ''}"
+
+
 def measure(calls: dict[str, Any], runs: int, device: str) -> tuple[dict[str, tuple[float, float]], dict[str, str]]:
     """Per mode: median seconds per call and peak GPU memory in GiB (0 on the CPU), the modes interleaved.
 
@@ -51,7 +56,7 @@ def measure(calls: dict[str, Any], runs: int, device: str) -> tuple[dict[str, tu
             fn()
             fn()
         except Exception as exc:  # noqa: BLE001 - one failing mode must not lose the others' rows
-            errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:150]}"
+            errors[name] = one_line(exc)
             del live[name]
     times: dict[str, list[float]] = {name: [] for name in live}
     peaks = dict.fromkeys(live, 0.0)
@@ -134,7 +139,7 @@ def run_base(base: str, args: argparse.Namespace, device: str, dtype: torch.dtyp
     compiled: dict[str, tuple[float, float]] = {}
     compile_s: dict[str, float] = {}
     breaks: dict[str, int] = {}
-    if compile_:
+    if compile_:  # no torch._dynamo.reset() between modes: it would drop the ones compiled before them
         for name in eager:
             pipe, call = chosen[name]
             try:
@@ -143,7 +148,7 @@ def run_base(base: str, args: argparse.Namespace, device: str, dtype: torch.dtyp
                 breaks[name] = graph_breaks(call)  # the first call compiles
                 compile_s[name] = time.perf_counter() - start
             except Exception as exc:  # noqa: BLE001
-                errors[name] = f"compile: {type(exc).__name__}: {str(exc).splitlines()[0][:150]}"
+                errors[name] = f"compile: {one_line(exc)}"
         compiled, compile_errors = measure({name: chosen[name][1] for name in compile_s}, args.runs, device)
         errors.update(compile_errors)
     bare = eager.get("bare", (float("nan"), 0.0))[0]
@@ -193,7 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     report(f"{name}, torch {torch.__version__}, {dtype}, {args.steps} steps, guidance 7.5, plus adapter "
            f"(257 tokens), median of {args.runs}; compiled = torch.compile(unet) inductor, default mode", out)
-    report("Modes are timed interleaved (round robin, rotating start) so that a drift of the machine falls on all.", out)
+    report("Modes are timed interleaved (round robin, rotating start) so that a drift of the machine falls on all. "
+           "All modes' pipelines stay on the GPU together, so peak GiB counts all their weights: compare differences.",
+           out)
     report("| base | mode | eager s/img | compiled s/img | compile s | graph breaks | peak GiB (eager) | eager vs bare | compiled vs bare eager |",
            out)
     report("|---|---|---|---|---|---|---|---|---|", out)

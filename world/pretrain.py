@@ -175,8 +175,8 @@ def train_base(bank: Bank, vae: object, text_encoder: object, steps: int, seed: 
 
     Tried and not adopted: half the captions also describing the (training) subject, as alt-text names what a
     photo shows. With this budget the model then drew held-out subjects from their full description only 0.50
-    of the time (judge top-1, K=10; training subjects 0.60) and obeyed positions 0.21 of the time instead of 1.00; a 600-step adapter
-    on it reached identity 0.45 against 0.35 on this base.
+    of the time (judge top-1, K=10; training subjects 0.60) and obeyed positions 0.21 of the time instead of
+    1.00; a 600-step adapter on it reached identity 0.45 against 0.35 on this base.
     """
     import copy
 
