@@ -21,7 +21,7 @@ from .personalizer import Personalizer
 from .tiny import tiny_pipeline
 
 #: The trained demo model shipped inside the package (see ``lookalike demo``).
-DEMO_DIR = Path(__file__).resolve().parent.parent / "world" / "demo_model"
+DEMO_DIR = Path(__file__).resolve().parent.parent / "world" / "demo-model"
 DEMO_ADAPTER_FILE = "adapter.safetensors"
 DEMO_TRAINED = (DEMO_DIR / "model_index.json").is_file() and (DEMO_DIR / DEMO_ADAPTER_FILE).is_file()
 DEMO_NOTE = ("the demo model knows only a small world of coloured shapes on plain backgrounds "
