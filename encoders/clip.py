@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from transformers import CLIPVisionModelWithProjection
 
+from ..compat import transformers_dtype
 from ..errors import LookalikeError
 from .base import Features, check_batch_size, check_kinds
 from .prepare import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, CropMode, to_clip_pixels
@@ -83,7 +84,7 @@ class ClipImageEncoder:
         _check_model_type(source, where, hub)
         try:
             model, info = CLIPVisionModelWithProjection.from_pretrained(
-                source, output_loading_info=True, **_dtype_kwarg(dtype), **hub
+                source, output_loading_info=True, **transformers_dtype(dtype), **hub
             )
         except (OSError, ValueError) as exc:
             raise LookalikeError(
@@ -277,15 +278,6 @@ def _triple(config: dict[str, Any], key: str) -> Sequence[float]:
     if value is None:
         return default
     return [float(value)] * 3 if isinstance(value, (int, float)) else [float(v) for v in value]
-
-
-def _dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
-    """The from_pretrained keyword for dtype: ``dtype`` on transformers >= 4.56, ``torch_dtype`` before."""
-    import transformers
-    from packaging.version import Version
-
-    key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
-    return {key: dtype}
 
 
 def _first_line(exc: BaseException) -> str:

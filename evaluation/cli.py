@@ -132,7 +132,7 @@ def _load_personalizer(args: argparse.Namespace, device: Any, dtype: Any) -> tup
         return p, p.adapters[0].name
     from ..pipeline.personalizer import Personalizer
 
-    p = Personalizer.from_pretrained(args.model, torch_dtype=dtype, device=device)
+    p = Personalizer.from_pretrained(args.model, dtype=dtype, device=device)
     p.pipe.set_progress_bar_config(disable=True)
     return p, p.load_adapter(args.adapter)
 

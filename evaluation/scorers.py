@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..compat import transformers_dtype
 from ..encoders.clip import read_processor_config
 from ..encoders.prepare import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, load_image, to_clip_pixels
 from ..errors import LookalikeError
@@ -67,13 +68,6 @@ def _hub(local_files_only: bool | None) -> dict[str, Any]:
     return {} if local_files_only is None else {"local_files_only": local_files_only}
 
 
-def _dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
-    import transformers
-    from packaging.version import Version
-
-    return {"dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype": dtype}
-
-
 class ClipScorer:
     """CLIP image and text embeddings for CLIP-I and CLIP-T (CLIP, Radford et al. 2021)."""
 
@@ -99,7 +93,7 @@ class ClipScorer:
             raise LookalikeError(f"--clip-model {source} holds a {kind or 'unknown'} model, not a full CLIP model "
                                  f"(image and text towers); pass e.g. {DEFAULT_CLIP_MODEL}")
         try:
-            model = CLIPModel.from_pretrained(source, **_dtype_kwarg(dtype), **_hub(local_files_only))
+            model = CLIPModel.from_pretrained(source, **transformers_dtype(dtype), **_hub(local_files_only))
             tokenizer = AutoTokenizer.from_pretrained(source, **_hub(local_files_only))
         except (OSError, ValueError) as exc:
             raise LookalikeError(f"cannot load the CLIP model {source!r}: {_first_line(exc)}; pass a complete "
@@ -156,7 +150,7 @@ class DinoScorer:
                                  f"{DEFAULT_DINO_MODEL}")
         extra = {"add_pooling_layer": False} if kind == "vit" else {}
         try:
-            model = AutoModel.from_pretrained(source, **extra, **_dtype_kwarg(dtype), **_hub(local_files_only))
+            model = AutoModel.from_pretrained(source, **extra, **transformers_dtype(dtype), **_hub(local_files_only))
         except (OSError, ValueError) as exc:
             raise LookalikeError(f"cannot load the DINO model {source!r}: {_first_line(exc)}; pass a saved ViT "
                                  f"folder or hub id") from exc

@@ -381,7 +381,7 @@ def load_personalizer(plan: Plan, device: torch.device | None, dtype: torch.dtyp
     from .personalizer import Personalizer
 
     assert plan.checkpoint is not None and device is not None and dtype is not None
-    p = Personalizer.from_pretrained(plan.model, torch_dtype=dtype, device=device)
+    p = Personalizer.from_pretrained(plan.model, dtype=dtype, device=device)
     p.encoders.face_options = dict(faces or {})
     return p, p.load_adapter(plan.checkpoint, spec=plan.spec)
 

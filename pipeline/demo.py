@@ -89,7 +89,7 @@ def trained_demo_personalizer(adapter: bool = True, model_dir: str | Path | None
     if not (folder / "model_index.json").is_file():
         raise LookalikeError(f"no trained demo model in {folder}; reinstall lookalike, or rebuild it with "
                              f"`lookalike demo --rebuild DIR`")
-    p = Personalizer.from_pretrained(folder, torch_dtype=torch.float32)
+    p = Personalizer.from_pretrained(folder, dtype=torch.float32)
     p.pipe.set_progress_bar_config(disable=True)
     if adapter:
         p.load_adapter(folder / DEMO_ADAPTER_FILE)

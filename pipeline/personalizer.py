@@ -11,6 +11,7 @@ import torch
 from ..adapters.attach import AdapterHandle, AdapterInput, Scale, attach_adapters
 from ..adapters.module import IPAdapter
 from ..adapters.spec import NEGATIVE_RULE, AdapterSpec, encoder_of, get_spec
+from ..compat import diffusers_dtype
 from ..errors import LookalikeError
 from ..weights.io import adapter_from_state_dict, check_encoder, detect_spec, read_checkpoint
 from .encode import EncoderSet, ImageSource, encode_subject
@@ -59,13 +60,20 @@ class Personalizer:
         self.handle: AdapterHandle = attach_adapters(pipe.unet, backend=backend)
 
     @classmethod
-    def from_pretrained(cls, model_id_or_dir: str | os.PathLike, *, torch_dtype: torch.dtype = torch.float32,
-                        device: torch.device | str = "cpu", backend: str = "sdpa", **kwargs: Any) -> Personalizer:
-        """Load a text-to-image pipeline (hub id or local folder; SD1.5 or SDXL) and wrap it."""
+    def from_pretrained(cls, model_id_or_dir: str | os.PathLike, *, dtype: torch.dtype | None = None,
+                        device: torch.device | str = "cpu", backend: str = "sdpa",
+                        torch_dtype: torch.dtype | None = None, **kwargs: Any) -> Personalizer:
+        """Load a text-to-image pipeline (hub id or local folder; SD1.5 or SDXL) and wrap it.
+
+        ``dtype`` defaults to float32; ``torch_dtype`` is the same thing under diffusers' older name.
+        """
         from diffusers import AutoPipelineForText2Image
 
+        if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+            raise LookalikeError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree; pass only dtype")
+        chosen = dtype or torch_dtype or torch.float32
         try:
-            pipe = AutoPipelineForText2Image.from_pretrained(str(model_id_or_dir), torch_dtype=torch_dtype, **kwargs)
+            pipe = AutoPipelineForText2Image.from_pretrained(str(model_id_or_dir), **diffusers_dtype(chosen), **kwargs)
         except (OSError, ValueError) as exc:
             raise LookalikeError(f"cannot load the model {str(model_id_or_dir)!r}: {str(exc).splitlines()[0]}; "
                                  f"pass a diffusers folder or a hub id that is cached or reachable") from exc

@@ -137,3 +137,21 @@ def test_img2img_and_controlnet_pipelines_take_the_adapter_and_controlnet_sees_n
     assert abs(with_adapter - off).max() > 1e-4
     if kind == "controlnet":
         assert all(pipe.controlnet.attn_processors[k] is v for k, v in procs_before.items())
+
+
+def test_from_pretrained_loads_a_folder_in_the_dtype_asked_under_either_keyword_without_deprecation(tmp_path):
+    import warnings
+
+    from lookalike.errors import LookalikeError
+    from lookalike.pipeline.personalizer import Personalizer
+    from lookalike.pipeline.tiny import tiny_pipeline
+
+    folder = tmp_path / "tiny-sd15"
+    tiny_pipeline("sd15", seed=0).save_pretrained(folder)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*torch_dtype.*")  # diffusers >= 0.40 deprecates the old name
+        assert Personalizer.from_pretrained(folder).pipe.unet.dtype == torch.float32
+        assert Personalizer.from_pretrained(folder, dtype=torch.bfloat16).pipe.unet.dtype == torch.bfloat16
+        assert Personalizer.from_pretrained(folder, torch_dtype=torch.float16).pipe.unet.dtype == torch.float16
+    with pytest.raises(LookalikeError, match="pass only dtype"):
+        Personalizer.from_pretrained(folder, dtype=torch.float16, torch_dtype=torch.bfloat16)

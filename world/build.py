@@ -171,9 +171,10 @@ def stage_model(out: Path, root: Path) -> dict:
 
     from diffusers import StableDiffusionPipeline
 
+    from ..compat import diffusers_dtype
     from ..weights.io import read_checkpoint, write_safetensors
 
-    pipe = StableDiffusionPipeline.from_pretrained(root / "base" / "pipeline", torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(root / "base" / "pipeline", **diffusers_dtype(torch.float32))
     pipe.to(torch.float16).save_pretrained(out)
     shutil.copy(root / "base" / "pipeline" / "image_encoder" / "preprocessor_config.json", out / "image_encoder")
     sd, metadata = read_checkpoint(root / "adapter" / "run" / "adapter.safetensors")
