@@ -101,6 +101,7 @@ class _Exploit:
 
 
 @pytest.mark.parametrize("protocol", [2, 4])
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")  # torch notes protocol 4; expected here
 def test_a_crafted_pickle_is_refused_and_runs_nothing(tmp_path, protocol):
     _Exploit.target = tmp_path / "ran"
     bad = tmp_path / "evil.bin"
