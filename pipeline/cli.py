@@ -14,7 +14,7 @@ import math
 import sys
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +26,7 @@ from .cli_plan import (
     DEFAULT_ADAPTER,
     DEFAULT_MODEL,
     adapter_choice,
+    check_combination,
     check_output,
     check_references,
     check_subject_fits,
@@ -124,16 +125,19 @@ def _add_model_options(parser: argparse.ArgumentParser, with_subject: bool) -> N
 
 
 def _add_reference_options(parser: argparse.ArgumentParser) -> None:
-    """--crop, --face-index and --combine: how reference photos are encoded."""
+    """--crop, --face-index, --combine and --reference-weight: how reference photos are encoded."""
     group = parser.add_argument_group("reference photos")
     group.add_argument("--crop", choices=("center", "pad", "resize"), default="center",
                        help="how a photo is made square for the image encoder (default: center)")
     group.add_argument("--face-index", type=_non_negative_int, default=None, metavar="N",
                        help="FaceID adapters: which face to use, counted left to right from 0 "
                             "(default: the largest face)")
-    group.add_argument("--combine", choices=("concat", "mean"), default="concat",
+    group.add_argument("--combine", choices=("concat", "mean"), default=None,
                        help="several photos: keep every photo's tokens (concat) or average them (mean) "
-                            "(default: concat)")
+                            "(default: concat; mean with --reference-weight)")
+    group.add_argument("--reference-weight", action="append", type=_non_negative_float, dest="reference_weights",
+                       metavar="W", help="how much a photo counts in the average: repeat once per --reference, "
+                                         "in the same order (implies --combine mean)")
     group.add_argument("--face-models", metavar="DIR", default=None,
                        help="FaceID adapters: the insightface model folder (default: ~/.insightface/models/buffalo_l)")
     group.add_argument("--face-detector", choices=("insightface", "yunet"), default=None,
@@ -190,7 +194,8 @@ def _add_encode(sub: Any) -> None:
         "encode", help="encode reference photos once into a reusable subject file",
         description="Run the image encoder(s) an adapter needs on reference photos and save the features, "
                     "so that `lookalike generate --subject FILE` needs no photos and no image encoder.",
-        epilog="The subject file records the adapter, the encoder, --combine and the SHA-256 of every photo. "
+        epilog="The subject file records the adapter, the encoder, --combine, the photos' weights and the SHA-256 "
+               "of every photo. "
                "Only the image encoder is loaded (not the text-to-image model); --model chooses the base "
                "family that a short --adapter name refers to.",
     )
@@ -276,6 +281,7 @@ class Settings:
     window: tuple[float, float]
     seed: int
     references: list[str]
+    reference_weights: list[float] = field(default_factory=list)
 
     def metadata(self, seed: int | str) -> dict[str, str]:
         """PNG text fields for the image made with ``seed`` (a description of seeds for a grid)."""
@@ -284,6 +290,7 @@ class Settings:
             "model": self.model, "adapter": self.adapter, "scale": repr(self.scale), "steps": str(self.steps),
             "guidance": repr(self.guidance), "size": f"{self.width}x{self.height}",
             "window": f"{self.window[0]!r},{self.window[1]!r}", "references": json.dumps(self.references),
+            **({"reference_weights": json.dumps(self.reference_weights)} if self.reference_weights else {}),
             "lookalike_version": __version__, "Software": f"lookalike {__version__}",
             "parameters": f"{self.prompt}\nNegative prompt: {self.negative_prompt}\nSteps: {self.steps}, "
                           f"CFG scale: {self.guidance}, Seed: {seed}, Size: {self.width}x{self.height}, "
@@ -302,6 +309,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if window[0] >= window[1]:
         raise LookalikeError(f"--window {window[0]} {window[1]}: START must be below END, e.g. --window 0 0.8")
     references = check_references(args.references) if args.references else []
+    check_combination(args, len(references))
     subject = load_subject(args.subject) if args.subject else None
     device, dtype = device_and_dtype(args.model, args.device, args.dtype)
     adapter = adapter_choice(args.adapter, subject, args.model)
@@ -316,9 +324,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     with quiet_hub(), quiet_libraries():
         if subject is None:
             subject = p.encode(references, adapter=name, combine=args.combine, crop=args.crop,
-                               face_index=args.face_index)
+                               face_index=args.face_index, weights=args.reference_weights)
         settings = Settings(args.prompt, args.negative_prompt, args.model, name, args.scale, args.steps, guidance,
-                            width, height, (window[0], window[1]), args.seed, list(subject.sources))
+                            width, height, (window[0], window[1]), args.seed, list(subject.sources),
+                            list(subject.weights))
         images = _generate_and_save(p, subject, settings, paths[: args.num_images])
     if len(images) > 1:
         save_png(make_grid(images), paths[-1], settings.metadata(f"{args.seed}..{args.seed + len(images) - 1}"))
@@ -370,6 +379,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
     """``lookalike encode``: reference photos -> a subject file."""
     out = check_output(args.out, ".safetensors", "subjects are saved as safetensors")
     references = check_references(args.references)
+    check_combination(args, len(references))
     device, dtype = device_and_dtype(args.model, args.device, args.dtype)
     with quiet_hub():
         plan = encode_plan(args.model, args.adapter or DEFAULT_ADAPTER)

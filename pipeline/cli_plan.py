@@ -75,6 +75,26 @@ def check_references(references: Sequence[str]) -> list[Path]:
     return paths
 
 
+def check_combination(args: argparse.Namespace, count: int) -> None:
+    """--combine and --reference-weight fit the --reference photos (before any model loads)."""
+    from .encode import resolve_combine
+
+    if count == 0:
+        if args.reference_weights or args.combine:
+            flag = "--reference-weight" if args.reference_weights else "--combine"
+            raise LookalikeError(f"{flag} applies to --reference photos; a --subject file was combined when "
+                                 f"`lookalike encode` made it")
+        return
+    weights = args.reference_weights
+    if weights and len(weights) != count:
+        raise LookalikeError(f"{len(weights)} --reference-weight for {count} --reference photo(s); give one weight "
+                             f"per photo, in the same order")
+    if weights and args.combine == "concat":
+        raise LookalikeError("--reference-weight sets how much each photo counts in their average: use "
+                             "--combine mean (with concat every photo keeps its own tokens)")
+    resolve_combine(args.combine, weights, count)
+
+
 def load_subject(text: str) -> Subject:
     """A subject file, read before any model loads."""
     from .subject import Subject
@@ -391,12 +411,14 @@ def encode_references(plan: Plan, references: list[Path], args: argparse.Namespa
     """Run only the image encoder(s) the adapter needs (the text-to-image model is not loaded)."""
     if plan.demo:
         p, name = load_personalizer(plan, None, None, face_options(args))
-        return p.encode(references, adapter=name, combine=args.combine, crop=args.crop, face_index=args.face_index)
+        return p.encode(references, adapter=name, combine=args.combine, crop=args.crop, face_index=args.face_index,
+                        weights=args.reference_weights)
     import torch
 
     from .encode import EncoderSet, encode_subject
 
     assert device is not None and dtype is not None
     with torch.no_grad():
-        return encode_subject(EncoderSet(device, dtype, face_options(args)), plan.spec, references, combine=args.combine, crop=args.crop,
-                              face_index=args.face_index)
+        return encode_subject(EncoderSet(device, dtype, face_options(args)), plan.spec, references,
+                              combine=args.combine, crop=args.crop, face_index=args.face_index,
+                              weights=args.reference_weights)

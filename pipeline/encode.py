@@ -6,6 +6,7 @@ on the aligned face crop"; every other variant asks one encoder for one feature.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -84,12 +85,46 @@ def _face_encode(encoder: Any, sources: list[ImageSource], face_index: int | Non
     return torch.stack(ids), [f.crop for f in faces]
 
 
-def encode_subject(encoders: EncoderSet, spec: AdapterSpec, images: Sequence[ImageSource] | ImageSource, *,
-                   combine: str = "concat", crop: CropMode = "center", face_index: int | None = None) -> Subject:
-    """Encode reference images for ``spec``; features come out as ``(1, images, ...)``."""
+def resolve_combine(combine: str | None, weights: Sequence[float] | None,
+                    count: int) -> tuple[str, list[float] | None]:
+    """How ``count`` reference images are combined: ``concat`` keeps each image's tokens, ``mean`` averages
+    the features, weighted by ``weights`` (one non-negative number per image) when given. ``combine=None``
+    means ``mean`` with weights and ``concat`` without."""
+    if combine is None:
+        combine = "concat" if weights is None else "mean"
     if combine not in ("concat", "mean"):
         raise LookalikeError(f"combine must be 'concat' or 'mean', not {combine!r}")
+    if weights is None:
+        return combine, None
+    values = [float(w) for w in weights]
+    if len(values) != count:
+        raise LookalikeError(f"got {len(values)} reference weight(s) for {count} image(s); give one weight per "
+                             f"image, in the same order")
+    if not all(math.isfinite(w) and w >= 0 for w in values) or sum(values) <= 0:
+        raise LookalikeError(f"reference weights must be non-negative numbers with a positive sum, got {values}")
+    if combine == "concat":
+        raise LookalikeError("reference weights set how much each image counts in their average: use "
+                             "combine='mean' (with 'concat' every image keeps its own tokens)")
+    return combine, values
+
+
+def combine_images(t: torch.Tensor, combine: str, weights: Sequence[float] | None = None) -> torch.Tensor:
+    """One subject's features ``(images, ...)`` -> ``(1, images, ...)`` (concat) or ``(1, 1, ...)`` (mean)."""
+    if combine == "concat":
+        return t.unsqueeze(0)
+    if weights is None:
+        return t.mean(0, keepdim=True).unsqueeze(0)
+    w = torch.tensor(weights, dtype=torch.float32, device=t.device).view(-1, *([1] * (t.dim() - 1)))
+    return ((w * t.float()).sum(0, keepdim=True) / w.sum()).to(t.dtype).unsqueeze(0)
+
+
+def encode_subject(encoders: EncoderSet, spec: AdapterSpec, images: Sequence[ImageSource] | ImageSource, *,
+                   combine: str | None = None, crop: CropMode = "center", face_index: int | None = None,
+                   weights: Sequence[float] | None = None) -> Subject:
+    """Encode reference images for ``spec``; features come out as ``(1, images, ...)``, or ``(1, 1, ...)``
+    averaged (``combine="mean"``, weighted by ``weights`` when given; see :func:`resolve_combine`)."""
     pil, sources = _load_all(images)
+    combine, weights = resolve_combine(combine, weights, len(pil))
     encs = {e.kind: encoders.get(e) for e in encoder_of(spec)}
     feats: dict[str, torch.Tensor] = {}
     clip_inputs, clip_crop = pil, crop
@@ -103,9 +138,9 @@ def encode_subject(encoders: EncoderSet, spec: AdapterSpec, images: Sequence[Ima
         feats.update({k: out[k] for k in clip_kinds})
     check_encoder(spec, {k: v.shape[-1] for k, v in feats.items()}, "the image encoder")
     negative = _negative(encs, spec, feats)
-    shape = (lambda t: t.mean(0, keepdim=True).unsqueeze(0)) if combine == "mean" else (lambda t: t.unsqueeze(0))
-    return Subject({k: shape(v) for k, v in feats.items()}, {k: shape(v) for k, v in negative.items()},
-                   adapter=spec.name, encoder=spec.encoder, combine=combine, sources=sources)
+    return Subject({k: combine_images(v, combine, weights) for k, v in feats.items()},
+                   {k: combine_images(v, combine, weights) for k, v in negative.items()},
+                   adapter=spec.name, encoder=spec.encoder, combine=combine, sources=sources, weights=weights or [])
 
 
 def _negative(encs: dict[str, Any], spec: AdapterSpec, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -174,6 +174,19 @@ def test_encode_then_generate_with_subject_gives_the_same_pixels_as_generate_wit
     assert Image.open(tmp_path / "a.png").text["references"] == Image.open(tmp_path / "b.png").text["references"]
 
 
+def test_reference_weights_of_one_and_zero_draw_the_first_photo_alone_and_are_recorded(tmp_path, photos):
+    args = ["generate", *FAST, "--prompt", "a dog", "--seed", "3"]
+    weighted = [*refs(photos), "--reference-weight", "1", "--reference-weight", "0"]
+    assert cli.main([*args, *weighted, "--out", str(tmp_path / "w.png")]) == 0
+    assert cli.main([*args, *refs(photos[:1]), "--out", str(tmp_path / "one.png")]) == 0
+    assert np.array_equal(pixels(tmp_path / "w.png"), pixels(tmp_path / "one.png"))
+    assert json.loads(Image.open(tmp_path / "w.png").text["reference_weights"]) == [1.0, 0.0]
+    assert "reference_weights" not in Image.open(tmp_path / "one.png").text
+    subject_file = tmp_path / "w.safetensors"
+    assert cli.main(["encode", "--model", "tiny-random", *weighted, "--out", str(subject_file)]) == 0
+    assert (Subject.load(subject_file).combine, Subject.load(subject_file).weights) == ("mean", [1.0, 0.0])
+
+
 def test_subject_encoded_for_another_adapter_is_refused_before_generating(tmp_path, photos, capsys):
     subject_file = tmp_path / "basic.safetensors"
     assert cli.main(["encode", "--model", "tiny-random", "--adapter", "basic", *refs(photos[:1]),
@@ -296,6 +309,10 @@ def _corrupt_subject(tmp_path: Path) -> str:
     ("corrupt subject", ["subject.safetensors", "not a valid safetensors"]),
     ("output not a png", ["must end in .png"]),
     ("window backwards", ["START must be below END"]),
+    ("weights not one per photo", ["1 --reference-weight for 2 --reference photo(s)"]),
+    ("weights with concat", ["--combine mean"]),
+    ("weights summing to zero", ["positive sum"]),
+    ("weights with a subject", ["--reference-weight applies to --reference photos"]),
 ])
 def test_user_errors_exit_2_with_one_error_line_before_loading_any_model(tmp_path, photos, capsys, monkeypatch,
                                                                           case, words):
@@ -308,6 +325,12 @@ def test_user_errors_exit_2_with_one_error_line_before_loading_any_model(tmp_pat
         "corrupt subject": ["--subject", _corrupt_subject(tmp_path), "--out", out],
         "output not a png": [*refs(photos[:1]), "--out", str(tmp_path / "x.jpg")],
         "window backwards": [*refs(photos[:1]), "--window", "0.8", "0.2", "--out", out],
+        "weights not one per photo": [*refs(photos[:2]), "--reference-weight", "1", "--out", out],
+        "weights with concat": [*refs(photos[:2]), "--combine", "concat", "--reference-weight", "1",
+                                "--reference-weight", "2", "--out", out],
+        "weights summing to zero": [*refs(photos[:2]), "--reference-weight", "0", "--reference-weight", "0",
+                                    "--out", out],
+        "weights with a subject": ["--subject", _corrupt_subject(tmp_path), "--reference-weight", "1", "--out", out],
     }[case]
     assert cli.main(["generate", *FAST, "--prompt", "a dog", *argv]) == 2
     assert_one_error_line(capsys, *words)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,35 @@ def test_mean_combine_averages_the_reference_features():
     cat, mean = p.encode(photos()), p.encode(photos(), combine="mean")
     assert mean.features["pooled"].shape == (1, 1, 32)
     assert torch.allclose(mean.features["pooled"][0, 0], cat.features["pooled"][0].mean(0))
+
+
+def test_weighted_mean_weighs_each_reference_and_its_weights_are_saved_with_the_subject(tmp_path):
+    p = demo_personalizer("plus")
+    cat = p.encode(photos())
+    weighted = p.encode(photos(), weights=[3, 1])  # weights alone imply combine="mean"
+    assert weighted.combine == "mean" and weighted.weights == [3.0, 1.0]
+    for kind in ("features", "negative"):
+        per_image = getattr(cat, kind)["patch"][0]
+        expected = (3 * per_image[0] + per_image[1]) / 4
+        assert torch.allclose(getattr(weighted, kind)["patch"][0, 0], expected, atol=1e-6)
+    first_only = p.encode(photos(), combine="mean", weights=[1, 0])
+    assert torch.equal(first_only.features["patch"], p.encode(photos()[:1]).features["patch"])
+    loaded = Subject.load(weighted.save(tmp_path / "w.safetensors"))
+    assert (loaded.combine, loaded.weights) == ("mean", [3.0, 1.0])
+
+
+@pytest.mark.parametrize("combine, weights, words", [
+    ("concat", [1, 2], "combine='mean'"),
+    ("mean", [1], "1 reference weight(s) for 2 image(s)"),
+    ("mean", [1, float("nan")], "non-negative"),
+    ("mean", [0, 0], "positive sum"),
+    ("sum", None, "'concat' or 'mean'"),
+])
+def test_reference_weights_that_do_not_fit_the_images_are_refused(combine, weights, words):
+    from lookalike.errors import LookalikeError
+
+    with pytest.raises(LookalikeError, match=re.escape(words)):
+        demo_personalizer("basic").encode(photos(), combine=combine, weights=weights)
 
 
 def test_saved_subject_loads_bit_exact_and_generates_without_running_an_encoder(tmp_path):
