@@ -125,7 +125,7 @@ def _add_model_options(parser: argparse.ArgumentParser, with_subject: bool) -> N
 
 
 def _add_reference_options(parser: argparse.ArgumentParser) -> None:
-    """--crop, --face-index, --combine and --reference-weight: how reference photos are encoded."""
+    """--crop, --face-index, --combine, --reference-weight, --negative-reference: how photos are encoded."""
     group = parser.add_argument_group("reference photos")
     group.add_argument("--crop", choices=("center", "pad", "resize"), default="center",
                        help="how a photo is made square for the image encoder (default: center)")
@@ -138,6 +138,9 @@ def _add_reference_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--reference-weight", action="append", type=_non_negative_float, dest="reference_weights",
                        metavar="W", help="how much a photo counts in the average: repeat once per --reference, "
                                          "in the same order (implies --combine mean)")
+    group.add_argument("--negative-reference", action="append", dest="negative_references", metavar="IMG",
+                       help="a photo of what the image should move away from (its encoder features replace the "
+                            "adapter's blank negative); repeat to average several; not for FaceID adapters")
     group.add_argument("--face-models", metavar="DIR", default=None,
                        help="FaceID adapters: the insightface model folder (default: ~/.insightface/models/buffalo_l)")
     group.add_argument("--face-detector", choices=("insightface", "yunet"), default=None,
@@ -282,6 +285,7 @@ class Settings:
     seed: int
     references: list[str]
     reference_weights: list[float] = field(default_factory=list)
+    negative_references: list[str] = field(default_factory=list)
 
     def metadata(self, seed: int | str) -> dict[str, str]:
         """PNG text fields for the image made with ``seed`` (a description of seeds for a grid)."""
@@ -291,6 +295,7 @@ class Settings:
             "guidance": repr(self.guidance), "size": f"{self.width}x{self.height}",
             "window": f"{self.window[0]!r},{self.window[1]!r}", "references": json.dumps(self.references),
             **({"reference_weights": json.dumps(self.reference_weights)} if self.reference_weights else {}),
+            **({"negative_references": json.dumps(self.negative_references)} if self.negative_references else {}),
             "lookalike_version": __version__, "Software": f"lookalike {__version__}",
             "parameters": f"{self.prompt}\nNegative prompt: {self.negative_prompt}\nSteps: {self.steps}, "
                           f"CFG scale: {self.guidance}, Seed: {seed}, Size: {self.width}x{self.height}, "
@@ -309,6 +314,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if window[0] >= window[1]:
         raise LookalikeError(f"--window {window[0]} {window[1]}: START must be below END, e.g. --window 0 0.8")
     references = check_references(args.references) if args.references else []
+    args.negative_references = check_references(args.negative_references) if args.negative_references else None
     check_combination(args, len(references))
     subject = load_subject(args.subject) if args.subject else None
     device, dtype = device_and_dtype(args.model, args.device, args.dtype)
@@ -324,10 +330,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     with quiet_hub(), quiet_libraries():
         if subject is None:
             subject = p.encode(references, adapter=name, combine=args.combine, crop=args.crop,
-                               face_index=args.face_index, weights=args.reference_weights)
+                               face_index=args.face_index, weights=args.reference_weights,
+                               negative_images=args.negative_references)
         settings = Settings(args.prompt, args.negative_prompt, args.model, name, args.scale, args.steps, guidance,
                             width, height, (window[0], window[1]), args.seed, list(subject.sources),
-                            list(subject.weights))
+                            list(subject.weights), list(subject.negative_sources))
         images = _generate_and_save(p, subject, settings, paths[: args.num_images])
     if len(images) > 1:
         save_png(make_grid(images), paths[-1], settings.metadata(f"{args.seed}..{args.seed + len(images) - 1}"))
@@ -379,6 +386,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
     """``lookalike encode``: reference photos -> a subject file."""
     out = check_output(args.out, ".safetensors", "subjects are saved as safetensors")
     references = check_references(args.references)
+    args.negative_references = check_references(args.negative_references) if args.negative_references else None
     check_combination(args, len(references))
     device, dtype = device_and_dtype(args.model, args.device, args.dtype)
     with quiet_hub():

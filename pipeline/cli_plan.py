@@ -76,14 +76,17 @@ def check_references(references: Sequence[str]) -> list[Path]:
 
 
 def check_combination(args: argparse.Namespace, count: int) -> None:
-    """--combine and --reference-weight fit the --reference photos (before any model loads)."""
+    """--combine, --reference-weight and --negative-reference fit the --reference photos (before any model
+    loads)."""
     from .encode import resolve_combine
 
     if count == 0:
-        if args.reference_weights or args.combine:
-            flag = "--reference-weight" if args.reference_weights else "--combine"
-            raise LookalikeError(f"{flag} applies to --reference photos; a --subject file was combined when "
-                                 f"`lookalike encode` made it")
+        given = [flag for flag, value in (("--reference-weight", args.reference_weights), ("--combine", args.combine),
+                                          ("--negative-reference", args.negative_references)) if value]
+        if given:
+            flag = given[0]
+            raise LookalikeError(f"{flag} applies to --reference photos, and a --subject file is already encoded: "
+                                 f"give {flag} to `lookalike encode` when making the subject")
         return
     weights = args.reference_weights
     if weights and len(weights) != count:
@@ -412,7 +415,7 @@ def encode_references(plan: Plan, references: list[Path], args: argparse.Namespa
     if plan.demo:
         p, name = load_personalizer(plan, None, None, face_options(args))
         return p.encode(references, adapter=name, combine=args.combine, crop=args.crop, face_index=args.face_index,
-                        weights=args.reference_weights)
+                        weights=args.reference_weights, negative_images=args.negative_references)
     import torch
 
     from .encode import EncoderSet, encode_subject
@@ -421,4 +424,4 @@ def encode_references(plan: Plan, references: list[Path], args: argparse.Namespa
     with torch.no_grad():
         return encode_subject(EncoderSet(device, dtype, face_options(args)), plan.spec, references,
                               combine=args.combine, crop=args.crop, face_index=args.face_index,
-                              weights=args.reference_weights)
+                              weights=args.reference_weights, negative_images=args.negative_references)

@@ -120,10 +120,22 @@ def combine_images(t: torch.Tensor, combine: str, weights: Sequence[float] | Non
 
 def encode_subject(encoders: EncoderSet, spec: AdapterSpec, images: Sequence[ImageSource] | ImageSource, *,
                    combine: str | None = None, crop: CropMode = "center", face_index: int | None = None,
-                   weights: Sequence[float] | None = None) -> Subject:
+                   weights: Sequence[float] | None = None,
+                   negative_images: Sequence[ImageSource] | ImageSource | None = None) -> Subject:
     """Encode reference images for ``spec``; features come out as ``(1, images, ...)``, or ``(1, 1, ...)``
-    averaged (``combine="mean"``, weighted by ``weights`` when given; see :func:`resolve_combine`)."""
+    averaged (``combine="mean"``, weighted by ``weights`` when given; see :func:`resolve_combine`).
+
+    The negative (guidance's unconditional image input) is the variant's official one, or, with
+    ``negative_images``, the encoder's features of those photos (averaged): what the image should move away
+    from, as ComfyUI's ``image_negative``. FaceID's face-id negative is always zeros.
+    """
+    if not isinstance(negative_images, (str, os.PathLike, Image.Image)) and not negative_images:
+        negative_images = None  # an empty list: the official negative
+    if negative_images is not None and "face_id" in spec.features:
+        raise LookalikeError(f"negative reference photos are for CLIP-image adapters; {spec.name}'s unconditional "
+                             f"face id stays zeros: drop the negative photos")
     pil, sources = _load_all(images)
+    neg_pil, neg_sources = _load_all(negative_images) if negative_images is not None else ([], [])
     combine, weights = resolve_combine(combine, weights, len(pil))
     encs = {e.kind: encoders.get(e) for e in encoder_of(spec)}
     feats: dict[str, torch.Tensor] = {}
@@ -137,10 +149,15 @@ def encode_subject(encoders: EncoderSet, spec: AdapterSpec, images: Sequence[Ima
         out = encs["clip"].encode(clip_inputs, crop=clip_crop)
         feats.update({k: out[k] for k in clip_kinds})
     check_encoder(spec, {k: v.shape[-1] for k, v in feats.items()}, "the image encoder")
-    negative = _negative(encs, spec, feats)
+    if neg_pil:
+        out = encs["clip"].encode(neg_pil, crop=crop)
+        negative = {k: out[k].to(t).mean(0, keepdim=True).expand_as(t).clone() for k, t in feats.items()}
+    else:
+        negative = _negative(encs, spec, feats)
     return Subject({k: combine_images(v, combine, weights) for k, v in feats.items()},
                    {k: combine_images(v, combine, weights) for k, v in negative.items()},
-                   adapter=spec.name, encoder=spec.encoder, combine=combine, sources=sources, weights=weights or [])
+                   adapter=spec.name, encoder=spec.encoder, combine=combine, sources=sources, weights=weights or [],
+                   negative_sources=neg_sources)
 
 
 def _negative(encs: dict[str, Any], spec: AdapterSpec, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

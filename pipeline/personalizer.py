@@ -175,17 +175,19 @@ class Personalizer:
 
     def encode(self, images: Sequence[ImageSource] | ImageSource, adapter: str | None = None, *,
                combine: str | None = None, crop: str = "center", face_index: int | None = None,
-               weights: Sequence[float] | None = None) -> Subject:
+               weights: Sequence[float] | None = None,
+               negative_images: Sequence[ImageSource] | ImageSource | None = None) -> Subject:
         """Run the encoder(s) an adapter needs on reference images -> a reusable :class:`Subject`.
 
         ``combine``: ``"concat"`` (the default without ``weights``) keeps every image's tokens, as diffusers
         does; ``"mean"`` averages the images' features, weighted by ``weights`` (one per image) when given.
+        ``negative_images``: photos whose features replace the official negative (what to move away from).
         """
         found = self._find(adapter) if adapter is not None else None
         spec = found.spec if found else get_spec(adapter, self.base) if adapter else self._adapter_for(None).spec
         with torch.no_grad():
             return encode_subject(self.encoders, spec, images, combine=combine, crop=crop, face_index=face_index,
-                                  weights=weights)
+                                  weights=weights, negative_images=negative_images)
 
     def _find(self, name: str) -> IPAdapter | None:
         for a in self.adapters:

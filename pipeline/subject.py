@@ -1,7 +1,8 @@
 """``Subject``: a reference's encoder features and their negative, reusable without running any encoder.
 
 Saved as safetensors (``features.<kind>``, ``negative.<kind>``) with provenance in the metadata: the adapter
-variant, the encoder, how images were combined (with their weights) and the SHA-256 of each source image.
+variant, the encoder, how images were combined (with their weights) and the SHA-256 of each source image (and of the
+negative photos, when the negative was encoded from photos).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class Subject:
     combine: str = "concat"
     sources: list[str] = field(default_factory=list)  # SHA-256 of each source image ("" for in-memory images)
     weights: list[float] = field(default_factory=list)  # each source's weight in a weighted mean ([]: equal)
+    negative_sources: list[str] = field(default_factory=list)  # SHA-256 of negative photos ([]: the official negative)
 
     @property
     def num_images(self) -> int:
@@ -50,7 +52,8 @@ class Subject:
         """A copy on another device / dtype."""
         move = {k: v.to(device=device, dtype=dtype) for k, v in self.features.items()}
         neg = {k: v.to(device=device, dtype=dtype) for k, v in self.negative.items()}
-        return Subject(move, neg, self.adapter, self.encoder, self.combine, list(self.sources), list(self.weights))
+        return Subject(move, neg, self.adapter, self.encoder, self.combine, list(self.sources), list(self.weights),
+                       list(self.negative_sources))
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the subject atomically (temporary file, then rename)."""
@@ -60,7 +63,8 @@ class Subject:
         tensors = {f"features.{k}": v for k, v in self.features.items()}
         tensors.update({f"negative.{k}": v for k, v in self.negative.items()})
         meta = {"format": FORMAT, "adapter": self.adapter, "encoder": self.encoder, "combine": self.combine,
-                "sources": json.dumps(self.sources), "weights": json.dumps(self.weights)}
+                "sources": json.dumps(self.sources), "weights": json.dumps(self.weights),
+                "negative_sources": json.dumps(self.negative_sources)}
         return write_safetensors(tensors, path, meta)
 
     @classmethod
@@ -75,7 +79,7 @@ class Subject:
         part = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
         return cls(part("features."), part("negative."), meta["adapter"], meta["encoder"],
                    meta.get("combine", "concat"), json.loads(meta.get("sources", "[]")),
-                   json.loads(meta.get("weights", "[]")))
+                   json.loads(meta.get("weights", "[]")), json.loads(meta.get("negative_sources", "[]")))
 
 
 def stack_subjects(subjects: Sequence[Subject], dim: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

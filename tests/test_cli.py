@@ -187,6 +187,20 @@ def test_reference_weights_of_one_and_zero_draw_the_first_photo_alone_and_are_re
     assert (Subject.load(subject_file).combine, Subject.load(subject_file).weights) == ("mean", [1.0, 0.0])
 
 
+def test_negative_reference_changes_the_image_and_is_recorded_in_the_png_and_the_subject(tmp_path, photos):
+    args = ["generate", *FAST, "--prompt", "a dog", "--seed", "5", *refs(photos[:1])]
+    assert cli.main([*args, "--negative-reference", str(photos[1]), "--out", str(tmp_path / "n.png")]) == 0
+    assert cli.main([*args, "--out", str(tmp_path / "plain.png")]) == 0
+    assert not np.array_equal(pixels(tmp_path / "n.png"), pixels(tmp_path / "plain.png"))
+    assert json.loads(Image.open(tmp_path / "n.png").text["negative_references"]) == [file_sha256(photos[1])]
+    subject_file = tmp_path / "n.safetensors"
+    assert cli.main(["encode", "--model", "tiny-random", *refs(photos[:1]), "--negative-reference", str(photos[1]),
+                     "--out", str(subject_file)]) == 0
+    assert cli.main(["generate", *FAST, "--prompt", "a dog", "--seed", "5", "--subject", str(subject_file),
+                     "--out", str(tmp_path / "s.png")]) == 0
+    assert np.array_equal(pixels(tmp_path / "s.png"), pixels(tmp_path / "n.png"))
+
+
 def test_subject_encoded_for_another_adapter_is_refused_before_generating(tmp_path, photos, capsys):
     subject_file = tmp_path / "basic.safetensors"
     assert cli.main(["encode", "--model", "tiny-random", "--adapter", "basic", *refs(photos[:1]),
@@ -313,6 +327,8 @@ def _corrupt_subject(tmp_path: Path) -> str:
     ("weights with concat", ["--combine mean"]),
     ("weights summing to zero", ["positive sum"]),
     ("weights with a subject", ["--reference-weight applies to --reference photos"]),
+    ("negative with a subject", ["--negative-reference applies to --reference photos"]),
+    ("missing negative", ["no-such-negative.jpg", "no such file"]),
 ])
 def test_user_errors_exit_2_with_one_error_line_before_loading_any_model(tmp_path, photos, capsys, monkeypatch,
                                                                           case, words):
@@ -331,6 +347,10 @@ def test_user_errors_exit_2_with_one_error_line_before_loading_any_model(tmp_pat
         "weights summing to zero": [*refs(photos[:2]), "--reference-weight", "0", "--reference-weight", "0",
                                     "--out", out],
         "weights with a subject": ["--subject", _corrupt_subject(tmp_path), "--reference-weight", "1", "--out", out],
+        "negative with a subject": ["--subject", _corrupt_subject(tmp_path),
+                                    "--negative-reference", str(photos[1]), "--out", out],
+        "missing negative": [*refs(photos[:1]), "--negative-reference", str(tmp_path / "no-such-negative.jpg"),
+                             "--out", out],
     }[case]
     assert cli.main(["generate", *FAST, "--prompt", "a dog", *argv]) == 2
     assert_one_error_line(capsys, *words)

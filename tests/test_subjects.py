@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -72,6 +73,28 @@ def test_reference_weights_that_do_not_fit_the_images_are_refused(combine, weigh
 
     with pytest.raises(LookalikeError, match=re.escape(words)):
         demo_personalizer("basic").encode(photos(), combine=combine, weights=weights)
+
+
+def test_negative_photos_replace_the_official_negative_and_guidance_moves_away_from_them(tmp_path):
+    p = demo_personalizer("plus")
+    positive, negative = photos()[:1], photos()[1:]
+    s = p.encode(positive, negative_images=negative)
+    away = p.encode(negative).features["patch"]
+    assert torch.equal(s.negative["patch"], away)
+    assert torch.equal(s.features["patch"], p.encode(positive).features["patch"])
+    assert s.negative_sources == [file_sha256(negative[0])]
+    with_photo = run(p, prompt="a dog", subject=s)
+    as_embeds = run(p, prompt="a dog", image_embeds=[s.features["patch"]], negative_image_embeds=[away])
+    assert np.array_equal(with_photo, as_embeds)
+    assert not np.allclose(with_photo, run(p, prompt="a dog", subject=p.encode(positive)), atol=1e-3)
+    assert Subject.load(s.save(tmp_path / "s.safetensors")).negative_sources == s.negative_sources
+
+
+def test_negative_photos_are_refused_for_faceid_whose_negative_is_zeros():
+    from lookalike.errors import LookalikeError
+
+    with pytest.raises(LookalikeError, match="negative reference photos are for CLIP-image adapters"):
+        demo_personalizer("basic").encode(photos()[:1], adapter="faceid", negative_images=photos()[1:])
 
 
 def test_saved_subject_loads_bit_exact_and_generates_without_running_an_encoder(tmp_path):
