@@ -198,7 +198,7 @@ def _add_encode(sub: Any) -> None:
         description="Run the image encoder(s) an adapter needs on reference photos and save the features, "
                     "so that `lookalike generate --subject FILE` needs no photos and no image encoder.",
         epilog="The subject file records the adapter, the encoder, --combine, the photos' weights and the SHA-256 "
-               "of every photo. "
+               "of every photo (negative photos included). "
                "Only the image encoder is loaded (not the text-to-image model); --model chooses the base "
                "family that a short --adapter name refers to.",
     )
