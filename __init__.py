@@ -19,6 +19,7 @@ _EXPORTS = {
     "register": "lookalike.adapters.spec",
     "IPAdapter": "lookalike.adapters.module",
     "attach_adapters": "lookalike.adapters.attach",
+    "transfer_scale": "lookalike.adapters.transfer",
     "load_adapter": "lookalike.weights.io",
     "save_adapter": "lookalike.weights.io",
     "LookalikeError": "lookalike.errors",
@@ -37,12 +38,14 @@ __all__ = [
     "load_adapter",
     "register",
     "save_adapter",
+    "transfer_scale",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .adapters.attach import attach_adapters
     from .adapters.module import IPAdapter
     from .adapters.spec import REGISTRY, AdapterSpec, get_spec, register
+    from .adapters.transfer import transfer_scale
     from .errors import LookalikeError
     from .pipeline.personalizer import Personalizer
     from .pipeline.subject import Subject

@@ -30,6 +30,7 @@ from .cli_plan import (
     check_output,
     check_references,
     check_subject_fits,
+    check_transfer,
     debug,
     device_and_dtype,
     encode_plan,
@@ -174,6 +175,10 @@ def _add_generate(sub: Any) -> None:
     g.add_argument("--scale", type=_non_negative_float, default=DEFAULT_SCALE,
                    help=f"strength of the subject against the prompt: 0 ignores the photos, 1 follows them "
                         f"closely (default: {DEFAULT_SCALE})")
+    g.add_argument("--transfer", choices=("all", "style", "layout", "strong-style"), default="all",
+                   help="what the photos give: all (the subject), or only their style or layout, through the "
+                        "UNet blocks that carry it (InstantStyle; ComfyUI's weight types; SD1.5 and SDXL) "
+                        "(default: all)")
     g.add_argument("--window", nargs=2, type=_fraction, default=None, metavar=("START", "END"),
                    help="the part of the schedule where the subject acts, as fractions, e.g. 0 0.8 "
                         "(default: 0 1, the whole schedule)")
@@ -286,6 +291,7 @@ class Settings:
     references: list[str]
     reference_weights: list[float] = field(default_factory=list)
     negative_references: list[str] = field(default_factory=list)
+    transfer: str = "all"
 
     def metadata(self, seed: int | str) -> dict[str, str]:
         """PNG text fields for the image made with ``seed`` (a description of seeds for a grid)."""
@@ -296,6 +302,7 @@ class Settings:
             "window": f"{self.window[0]!r},{self.window[1]!r}", "references": json.dumps(self.references),
             **({"reference_weights": json.dumps(self.reference_weights)} if self.reference_weights else {}),
             **({"negative_references": json.dumps(self.negative_references)} if self.negative_references else {}),
+            **({"transfer": self.transfer} if self.transfer != "all" else {}),
             "lookalike_version": __version__, "Software": f"lookalike {__version__}",
             "parameters": f"{self.prompt}\nNegative prompt: {self.negative_prompt}\nSteps: {self.steps}, "
                           f"CFG scale: {self.guidance}, Seed: {seed}, Size: {self.width}x{self.height}, "
@@ -325,6 +332,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     guidance = args.guidance if args.guidance is not None else DEFAULT_GUIDANCE[plan.base]
     with quiet_hub(), quiet_libraries():
         p, name = load_personalizer(plan, device, dtype, face_options(args))
+    check_transfer(p, args.transfer)
     native = int(p.pipe.unet.config.sample_size) * int(p.pipe.vae_scale_factor)  # the demo's own size
     width, height = args.size or ((native if plan.demo else DEFAULT_SIZE[plan.base]),) * 2
     with quiet_hub(), quiet_libraries():
@@ -334,7 +342,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                negative_images=args.negative_references)
         settings = Settings(args.prompt, args.negative_prompt, args.model, name, args.scale, args.steps, guidance,
                             width, height, (window[0], window[1]), args.seed, list(subject.sources),
-                            list(subject.weights), list(subject.negative_sources))
+                            list(subject.weights), list(subject.negative_sources), args.transfer)
         images = _generate_and_save(p, subject, settings, paths[: args.num_images])
     if len(images) > 1:
         save_png(make_grid(images), paths[-1], settings.metadata(f"{args.seed}..{args.seed + len(images) - 1}"))
@@ -352,6 +360,8 @@ def _generate_and_save(p: Personalizer, subject: Subject, s: Settings, paths: li
     import torch
     from tqdm import tqdm
 
+    from ..adapters.transfer import transfer_scale
+
     p.pipe.set_progress_bar_config(disable=True)
     bar = tqdm(total=len(paths) * s.steps, unit="step", disable=None, dynamic_ncols=True, file=sys.stderr)
 
@@ -364,7 +374,8 @@ def _generate_and_save(p: Personalizer, subject: Subject, s: Settings, paths: li
         for i, path in enumerate(paths):
             bar.set_description(f"image {i + 1}/{len(paths)}")
             generator = torch.Generator("cpu").manual_seed(s.seed + i)
-            result = p.generate(s.prompt, subject=subject, scale=s.scale, window=s.window,
+            result = p.generate(s.prompt, subject=subject, scale=transfer_scale(s.transfer, p.base, s.scale),
+                                window=s.window,
                                 negative_prompt=s.negative_prompt or None, num_inference_steps=s.steps,
                                 guidance_scale=s.guidance, height=s.height, width=s.width, generator=generator,
                                 callback_on_step_end=on_step)

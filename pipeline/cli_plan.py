@@ -98,6 +98,22 @@ def check_combination(args: argparse.Namespace, count: int) -> None:
     resolve_combine(args.combine, weights, count)
 
 
+def check_transfer(p: Personalizer, transfer: str) -> None:
+    """--transfer names SD1.5/SDXL blocks: refuse a UNet of another layout (the demo's) in one line."""
+    if transfer == "all":
+        return
+    from ..adapters.attach import expand_block_scale
+    from ..adapters.transfer import transfer_scale
+
+    try:
+        scale = transfer_scale(transfer, p.base)
+        assert isinstance(scale, dict)
+        expand_block_scale(p.pipe.unet, scale)
+    except LookalikeError as exc:
+        raise LookalikeError(f"--transfer {transfer} picks blocks of the {p.base} UNet, and this model's UNet is laid "
+                             f"out otherwise ({exc}); use --transfer all with it") from None
+
+
 def load_subject(text: str) -> Subject:
     """A subject file, read before any model loads."""
     from .subject import Subject
