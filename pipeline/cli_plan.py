@@ -88,14 +88,7 @@ def check_combination(args: argparse.Namespace, count: int) -> None:
             raise LookalikeError(f"{flag} applies to --reference photos, and a --subject file is already encoded: "
                                  f"give {flag} to `lookalike encode` when making the subject")
         return
-    weights = args.reference_weights
-    if weights and len(weights) != count:
-        raise LookalikeError(f"{len(weights)} --reference-weight for {count} --reference photo(s); give one weight "
-                             f"per photo, in the same order")
-    if weights and args.combine == "concat":
-        raise LookalikeError("--reference-weight sets how much each photo counts in their average: use "
-                             "--combine mean (with concat every photo keeps its own tokens)")
-    resolve_combine(args.combine, weights, count)
+    resolve_combine(args.combine, args.reference_weights, count)
 
 
 def check_transfer(p: Personalizer, transfer: str) -> None:

@@ -98,13 +98,13 @@ def resolve_combine(combine: str | None, weights: Sequence[float] | None,
         return combine, None
     values = [float(w) for w in weights]
     if len(values) != count:
-        raise LookalikeError(f"got {len(values)} reference weight(s) for {count} image(s); give one weight per "
-                             f"image, in the same order")
+        raise LookalikeError(f"{len(values)} reference weight(s) for {count} reference image(s); give one weight "
+                             f"per image, in the same order")
     if not all(math.isfinite(w) and w >= 0 for w in values) or sum(values) <= 0:
         raise LookalikeError(f"reference weights must be non-negative numbers with a positive sum, got {values}")
     if combine == "concat":
-        raise LookalikeError("reference weights set how much each image counts in their average: use "
-                             "combine='mean' (with 'concat' every image keeps its own tokens)")
+        raise LookalikeError("reference weights set how much each image counts in their average: combine the "
+                             "images with mean (with concat every image keeps its own tokens)")
     return combine, values
 
 

@@ -62,8 +62,8 @@ def test_weighted_mean_weighs_each_reference_and_its_weights_are_saved_with_the_
 
 
 @pytest.mark.parametrize("combine, weights, words", [
-    ("concat", [1, 2], "combine='mean'"),
-    ("mean", [1], "1 reference weight(s) for 2 image(s)"),
+    ("concat", [1, 2], "combine the images with mean"),
+    ("mean", [1], "1 reference weight(s) for 2 reference image(s)"),
     ("mean", [1, float("nan")], "non-negative"),
     ("mean", [0, 0], "positive sum"),
     ("sum", None, "'concat' or 'mean'"),

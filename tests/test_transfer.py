@@ -40,7 +40,7 @@ def full_layout_unet(base: str, cross: int = 32):
 
 def run_order(unet) -> list[str]:
     """The UNet's transformer models in the order a forward pass runs them (ComfyUI's transformer_index)."""
-    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+    from diffusers import Transformer2DModel
 
     order: list[str] = []
     hooks = [m.register_forward_hook(lambda mod, args, out, name=name: order.append(name))
