@@ -99,6 +99,15 @@ class Resampler(nn.Module):
         return self.norm_out(self.proj_out(run_perceiver(self.layers, x, latents)))  # (N, T, C)
 
 
+class IDResampler(Resampler):
+    """InstantID's projector: the Resampler over one ArcFace embedding, read as a sequence of one 512-d token."""
+
+    def forward(self, features: Features) -> torch.Tensor:
+        x = self.proj_in(features["face_id"].to(self.proj_in.weight.dtype).unsqueeze(1))  # (N, 1, D)
+        latents = self.latents.expand(x.shape[0], -1, -1)  # (N, T, D)
+        return self.norm_out(self.proj_out(run_perceiver(self.layers, x, latents)))  # (N, T, C)
+
+
 class MLPProjModel(nn.Module):
     """Full-face IP-Adapter: every CLIP patch token through an MLP + LayerNorm (257 tokens)."""
 
@@ -169,6 +178,7 @@ class FaceIDPlusProjModel(FaceIDProjModel):
 PROJECTORS: dict[str, Callable[..., nn.Module]] = {
     "linear": ImageProjModel,
     "resampler": Resampler,
+    "id_resampler": IDResampler,
     "mlp": MLPProjModel,
     "faceid": FaceIDProjModel,
     "faceid_plus": FaceIDPlusProjModel,

@@ -39,6 +39,7 @@ ENCODERS: dict[str, EncoderSpec] = {
         "clip-vit-bigg-14", "clip", "h94/IP-Adapter", "sdxl_models/image_encoder", 1280, 1664, 257
     ),
     "insightface-buffalo_l": EncoderSpec("insightface-buffalo_l", "face", None, None, 512, 0, 0),
+    "insightface-antelopev2": EncoderSpec("insightface-antelopev2", "face", None, None, 512, 0, 0),
 }
 
 
@@ -69,6 +70,8 @@ class AdapterSpec:
     face_normed: bool = True
     short_name: str | None = None
     description: str = ""
+    controlnet_subfolder: str | None = None  # InstantID: the IdentityNet ControlNet beside the adapter file
+    default_scale: float = 1.0  # the adapter's scale when generate() is given none (the authors' default)
 
     @property
     def feature(self) -> str:
@@ -199,6 +202,15 @@ def _register_official() -> None:
 
 
 _register_official()
+#: InstantID (Wang et al. 2024, arXiv:2401.07519): a Resampler over the raw antelopev2 ArcFace embedding (one
+#: 512-d token -> 16 x 2048) plus IdentityNet, a ControlNet on the 5 keypoints that reads the face tokens.
+register(AdapterSpec(
+    name="instantid", base="sdxl", projector="id_resampler", features=("face_id",), encoder="insightface-antelopev2",
+    num_tokens=16, embed_dim=512, cross_attention_dim=2048, projector_kwargs=_resampler("sdxl", 1280, 20),
+    repo_id="InstantX/InstantID", subfolder=None, filename="ip-adapter.bin", face_normed=False,
+    short_name="instantid", controlnet_subfolder="ControlNetModel", default_scale=0.8,
+    description="ArcFace id -> 16 tokens, with IdentityNet on the face keypoints",
+))
 
 
 def get_spec(name: str, base: Base | None = None) -> AdapterSpec:

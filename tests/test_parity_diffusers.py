@@ -15,7 +15,8 @@ TOL = 1e-5
 def diffusers_embeds(feats: dict, negative: dict, spec) -> torch.Tensor:
     """diffusers' ip_adapter_image_embeds entry: [negative; positive] of the first feature."""
     key = spec.features[0]
-    return torch.cat([negative[key], feats[key]])
+    both = torch.cat([negative[key], feats[key]])
+    return both.unsqueeze(-2) if spec.projector == "id_resampler" else both  # InstantID: one 512-d token
 
 
 def configure_faceid_plus(pipe, index: int, feats: dict, negative: dict, spec) -> None:

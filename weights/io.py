@@ -102,8 +102,12 @@ def spec_from_shapes(sd: Mapping[str, torch.Tensor], name: str = "custom") -> Ad
         cross = p["proj_out.weight"].shape[0]
         kwargs = {"dim": dim, "depth": _count_layers(p), "dim_head": 64,
                   "heads": p["layers.0.0.to_q.weight"].shape[0] // 64, "ff_mult": 4}
+        embed = p["proj_in.weight"].shape[1]
+        if embed == 512:  # a Resampler over the ArcFace embedding (InstantID), not over CLIP patch tokens
+            return AdapterSpec(name, _base_of(cross), "id_resampler", ("face_id",), "insightface-antelopev2",
+                               tokens, embed, cross, kwargs, lora_rank=rank, face_normed=False)
         return AdapterSpec(name, _base_of(cross), "resampler", ("patch",), "clip-vit-h-14", tokens,
-                           p["proj_in.weight"].shape[1], cross, kwargs, lora_rank=rank)
+                           embed, cross, kwargs, lora_rank=rank)
     if "perceiver_resampler.proj_in.weight" in p:
         cross = p["norm.weight"].shape[0]
         id_dim = p["proj.0.weight"].shape[1]
