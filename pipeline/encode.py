@@ -58,7 +58,8 @@ class EncoderSet:
         if spec.kind == "face":
             from ..encoders.face import FaceEncoder
 
-            return FaceEncoder.from_folder(**self.face_options)
+            pack = spec.name.removeprefix("insightface-")  # the pack the adapter was trained with, unless told
+            return FaceEncoder.from_folder(**{"name": pack, **self.face_options})
         from ..encoders.clip import ClipImageEncoder
         from ..weights.hub import resolve_encoder_dir
 
@@ -77,12 +78,14 @@ def _load_all(images: Sequence[ImageSource] | ImageSource) -> tuple[list[Image.I
     return loaded, sources
 
 
-def _face_encode(encoder: Any, sources: list[ImageSource], face_index: int | None,
-                 normed: bool) -> tuple[torch.Tensor, list[Image.Image]]:
-    """ArcFace ids (N, 512) and the aligned 224 px face crops (for CLIP), one face per image."""
+def _face_encode(encoder: Any, sources: list[ImageSource], sizes: list[tuple[int, int]], face_index: int | None,
+                 normed: bool) -> tuple[torch.Tensor, list[Image.Image], dict[str, torch.Tensor]]:
+    """ArcFace ids (N, 512), the aligned 224 px face crops (for CLIP) and the keypoints, one face per image."""
     faces = encoder.encode_faces(sources, face_index=face_index)
     ids = [torch.as_tensor(f.normed_embedding if normed else f.embedding, dtype=torch.float32) for f in faces]
-    return torch.stack(ids), [f.crop for f in faces]
+    kps = torch.stack([torch.as_tensor(f.kps, dtype=torch.float32).reshape(5, 2) for f in faces])  # (N, 5, 2)
+    size = torch.tensor(sizes, dtype=torch.long).reshape(-1, 2)  # (N, 2) the upright photos' width, height
+    return torch.stack(ids), [f.crop for f in faces], {"kps": kps, "size": size}
 
 
 def resolve_combine(combine: str | None, weights: Sequence[float] | None,
@@ -139,10 +142,11 @@ def encode_subject(encoders: EncoderSet, spec: AdapterSpec, images: Sequence[Ima
     combine, weights = resolve_combine(combine, weights, len(pil))
     encs = {e.kind: encoders.get(e) for e in encoder_of(spec)}
     feats: dict[str, torch.Tensor] = {}
-    clip_inputs, clip_crop = pil, crop
+    clip_inputs, clip_crop, landmarks = pil, crop, {}
     if "face_id" in spec.features:
         given = [images] if isinstance(images, (str, os.PathLike, Image.Image)) else list(images)
-        feats["face_id"], clip_inputs = _face_encode(encs["face"], given, face_index, spec.face_normed)
+        feats["face_id"], clip_inputs, landmarks = _face_encode(encs["face"], given, [p.size for p in pil], face_index,
+                                                                   spec.face_normed)
         clip_crop = "center"
     clip_kinds = [k for k in spec.features if k in ("pooled", "patch")]
     if clip_kinds:
@@ -157,7 +161,7 @@ def encode_subject(encoders: EncoderSet, spec: AdapterSpec, images: Sequence[Ima
     return Subject({k: combine_images(v, combine, weights) for k, v in feats.items()},
                    {k: combine_images(v, combine, weights) for k, v in negative.items()},
                    adapter=spec.name, encoder=spec.encoder, combine=combine, sources=sources, weights=weights or [],
-                   negative_sources=neg_sources)
+                   negative_sources=neg_sources, landmarks=landmarks)
 
 
 def _negative(encs: dict[str, Any], spec: AdapterSpec, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

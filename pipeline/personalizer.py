@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any, Union
 
 import torch
@@ -19,6 +21,9 @@ from .subject import Subject, box_mask, stack_subjects
 
 #: One adapter's features: a tensor for single-feature variants, a dict ``{"face_id": ..., "patch": ...}`` else.
 Embeds = Union[torch.Tensor, Mapping[str, torch.Tensor]]
+#: The official IP-Adapter FaceID prompts when none is given (tencent-ailab/IP-Adapter, ``generate``).
+DEFAULT_PROMPT = "best quality, high quality"
+DEFAULT_NEGATIVE_PROMPT = "monochrome, lowres, bad anatomy, worst quality, low quality"
 #: Feature kind -> number of dims with the (batch, images) pair in front.
 _FEATURE_NDIM = {"pooled": 3, "patch": 4, "face_id": 3}
 
@@ -30,6 +35,31 @@ def _one_per_adapter(value: Any, count: int, what: str, is_single: Any) -> list:
     if isinstance(value, (list, tuple)) and len(value) == count:
         return list(value)
     raise LookalikeError(f"{what} must be one value for all adapters or a list of {count} (one per adapter)")
+
+
+@contextmanager
+def faceid_plus_controls(adapters: Sequence[IPAdapter], s_scale: float | None,
+                         shortcut: bool | None) -> Iterator[None]:
+    """FaceID-Plus's ``s_scale`` and ``shortcut`` for one generation (the official ``generate()`` keywords)."""
+    if s_scale is not None and (isinstance(s_scale, bool) or not math.isfinite(float(s_scale))):
+        raise LookalikeError(f"s_scale must be a finite number, not {s_scale!r}")
+    plus = [a for a in adapters if a.spec.projector == "faceid_plus"]
+    if (s_scale is not None or shortcut is not None) and not plus:
+        raise LookalikeError("s_scale and shortcut are FaceID-Plus controls; load a faceid-plus adapter to use them")
+    saved = [(a.image_proj.s_scale, a.image_proj.shortcut) for a in plus]
+    try:
+        for a in plus:
+            new = (float(s_scale) if s_scale is not None else a.image_proj.s_scale,
+                   bool(shortcut) if shortcut is not None else a.image_proj.shortcut)
+            if new != (a.image_proj.s_scale, a.image_proj.shortcut):
+                a.__dict__.pop("_projected", None)  # remembered tokens were made with the old controls
+                a.image_proj.s_scale, a.image_proj.shortcut = new
+        yield
+    finally:
+        for a, (old_scale, old_shortcut) in zip(plus, saved):
+            if (a.image_proj.s_scale, a.image_proj.shortcut) != (old_scale, old_shortcut):
+                a.__dict__.pop("_projected", None)
+                a.image_proj.s_scale, a.image_proj.shortcut = old_scale, old_shortcut
 
 
 def _is_window(w: Any) -> bool:
@@ -58,6 +88,7 @@ class Personalizer:
             if encoder is not None:
                 self.encoders.set(encoder)
         self.handle: AdapterHandle = attach_adapters(pipe.unet, backend=backend)
+        self.identitynets: dict[str, Any] = {}  # adapter name -> its IdentityNet (InstantID's ControlNet)
 
     @classmethod
     def from_pretrained(cls, model_id_or_dir: str | os.PathLike, *, dtype: torch.dtype | None = None,
@@ -89,11 +120,14 @@ class Personalizer:
         return "sdxl" if self.pipe.unet.config.cross_attention_dim == 2048 else "sd15"
 
     def load_adapter(self, source: str | os.PathLike | IPAdapter, *, spec: AdapterSpec | str | None = None,
-                     name: str | None = None) -> str:
+                     name: str | None = None, identitynet: str | os.PathLike | Any = None) -> str:
         """Load and stack an adapter: registry name, local file, ``repo_id/filename`` or a built ``IPAdapter``.
 
-        Returns the name the adapter is known by (unique among loaded adapters).
+        InstantID also loads its IdentityNet: ``identitynet`` (a folder or a ControlNetModel), else the
+        ``ControlNetModel/`` folder beside the adapter file, else the hub's. Returns the name the adapter is
+        known by (unique among loaded adapters).
         """
+        path = None
         if isinstance(source, IPAdapter):
             adapter = source
         else:
@@ -110,8 +144,22 @@ class Personalizer:
         while unique in taken:
             unique, n = f"{base_name}#{n}", n + 1
         adapter.name = unique
+        net = self._identitynet_for(adapter.spec, identitynet, path) if adapter.spec.controlnet_subfolder else None
         self.handle.add(adapter)
+        if net is not None:
+            self.identitynets[unique] = net
         return unique
+
+    def _identitynet_for(self, spec: AdapterSpec, given: Any, path: str | None) -> Any:
+        from .identity import load_identitynet, resolve_identitynet_dir
+
+        unet = self.pipe.unet
+        if isinstance(given, torch.nn.Module):
+            return given.to(device=unet.device, dtype=unet.dtype).eval().requires_grad_(False)
+        if given is None and path is None and not spec.repo_id:
+            raise LookalikeError(f"{spec.name} needs its IdentityNet: pass identitynet=FOLDER or a ControlNetModel")
+        return load_identitynet(resolve_identitynet_dir(spec, given, beside=path), unet, device=unet.device,
+                                dtype=unet.dtype)
 
     def _resolve(self, source: str | os.PathLike) -> tuple[str, AdapterSpec | None]:
         from ..weights.hub import resolve_adapter_source
@@ -123,6 +171,7 @@ class Personalizer:
         """Remove every adapter; the pipeline then behaves exactly as before."""
         for adapter in list(self.adapters):
             self.handle.remove(adapter.name)
+        self.identitynets.clear()
 
     def detach(self) -> None:
         """Remove lookalike from the pipeline entirely (original attention processors restored)."""
@@ -305,21 +354,47 @@ class Personalizer:
 
     # -- generation -------------------------------------------------------------------------------
     def generate(self, prompt: str | list[str] | None = None, image_embeds: Sequence[Embeds | None] | None = None,
-                 negative_image_embeds: Sequence[Embeds | None] | None = None, scale: Scale | Sequence[Scale] = 1.0,
+                 negative_image_embeds: Sequence[Embeds | None] | None = None,
+                 scale: Scale | Sequence[Scale] | None = None,
                  masks: Sequence[torch.Tensor | None] | torch.Tensor | None = None,
                  window: tuple[float, float] | Sequence[tuple[float, float]] = (0.0, 1.0),
                  combine: str = "concat", subject: Subject | Sequence[Subject] | None = None,
-                 subjects: Sequence[Subject] | None = None, regions: Sequence | None = None,
-                 **pipeline_kwargs: Any) -> Any:
+                 subjects: Sequence[Subject] | None = None, regions: Sequence | None = None, *,
+                 identitynet_scale: float = 0.8, pose_reference: Any = None, controlnets: Sequence[tuple] = (),
+                 s_scale: float | None = None, shortcut: bool | None = None, **pipeline_kwargs: Any) -> Any:
         """Generate with the wrapped pipeline, each adapter conditioned on its image features.
 
         ``image_embeds[i]``: raw encoder features for adapter ``i`` with a leading (batch, images) pair;
-        ``scale``: a float, one per adapter, or diffusers' per-block dict; ``window``: ``(start, end)``
-        fractions of the schedule where adapters act; ``masks``: per adapter ``(1, images, H, W)`` regions.
+        ``scale``: a float, one per adapter, or diffusers' per-block dict (None: each adapter's default, 0.8
+        for InstantID as its authors use, else 1.0); ``window``: ``(start, end)`` fractions of the schedule
+        where adapters act; ``masks``: per adapter ``(1, images, H, W)`` regions.
         ``subject``: a :class:`Subject` (or one per prompt) instead of ``image_embeds``; ``subjects`` with
-        ``regions`` (a box ``(x0, y0, x1, y1)`` or an ``(H, W)`` mask each) places several subjects in one image.
-        Other keyword arguments go to the pipeline.
+        ``regions`` (a box ``(x0, y0, x1, y1)`` or an ``(H, W)`` mask each) places several subjects in one image,
+        each region attending only to its own subject's tokens.
+        InstantID: ``identitynet_scale`` is IdentityNet's strength; ``pose_reference`` a photo (or Subject) whose
+        face keypoints IdentityNet follows (several subjects: its faces, left to right, give the regions when
+        none are given); ``controlnets``: other ``(ControlNetModel, image, scale)`` beside it.
+        FaceID-Plus: ``s_scale`` and ``shortcut`` as the official ``generate()`` (None: the adapter's own).
+        ``prompt=None`` without ``prompt_embeds`` uses the official default prompt ("best quality, high
+        quality") and negative prompt. Other keyword arguments go to the pipeline.
         """
+        from .identity import face_keypoints, output_size_for, run_instantid, strip_regions
+
+        many = [] if subjects is None and subject is None else list(subjects) if subjects is not None else (
+            list(subject) if isinstance(subject, (list, tuple)) else [subject])
+        identity = next(((i, a) for i, a in enumerate(self.adapters) if a.name in self.identitynets), None)
+        face_encoder = self.encoders.get(encoder_of(identity[1].spec)[0]) if identity and (
+            pose_reference is not None and not hasattr(pose_reference, "landmarks")) else None
+        if identity is not None and not (pipeline_kwargs.get("height") and pipeline_kwargs.get("width")):
+            width, height = output_size_for(face_encoder, many, pose_reference)
+            pipeline_kwargs.setdefault("width", width)
+            pipeline_kwargs.setdefault("height", height)
+        if subjects is not None and regions is None and pose_reference is not None:
+            from .identity import photo_faces
+
+            encoder = face_encoder or self.encoders.get(encoder_of(self._adapter_for(many[0].adapter).spec)[0])
+            found, size = photo_faces(encoder, pose_reference)
+            regions = strip_regions([float(f.kps[:, 0].mean()) / size[0] for f in found], 1)
         if subject is not None or subjects is not None:
             if image_embeds is not None:
                 raise LookalikeError("pass either image_embeds or subject(s), not both")
@@ -331,13 +406,29 @@ class Personalizer:
             image_embeds = [image_embeds]
         if torch.is_tensor(masks):
             masks = [masks]
+        if scale is None:
+            defaults = [a.spec.default_scale for a in self.adapters]
+            scale = defaults[0] if len(defaults) == 1 else defaults
+        if prompt is None and pipeline_kwargs.get("prompt_embeds") is None:
+            prompt = DEFAULT_PROMPT
+            if pipeline_kwargs.get("negative_prompt") is None and pipeline_kwargs.get("negative_prompt_embeds") is None:
+                pipeline_kwargs["negative_prompt"] = DEFAULT_NEGATIVE_PROMPT
         prompts = len(prompt) if isinstance(prompt, list) else 1
         per_prompt = int(pipeline_kwargs.get("num_images_per_prompt") or 1)
-        inputs = self.condition_inputs(image_embeds, negative_image_embeds, scale, masks, window,
-                                       prompts, per_prompt, combine)
+        with faceid_plus_controls(self.adapters, s_scale, shortcut):
+            inputs = self.condition_inputs(image_embeds, negative_image_embeds, scale, masks, window,
+                                           prompts, per_prompt, combine)
         self.handle.scheduler = self.pipe.scheduler
         with self.handle.conditioned(inputs):
-            return self.pipe(prompt=prompt, **pipeline_kwargs)
+            if identity is None or inputs[identity[0]] is None:
+                return self.pipe(prompt=prompt, **pipeline_kwargs)
+            term = inputs[identity[0]]
+            out = (int(pipeline_kwargs["width"]), int(pipeline_kwargs["height"]))
+            keypoints = face_keypoints(face_encoder, many, regions if term.masks is not None else None,
+                                       pose_reference, out)
+            return run_instantid(self.pipe, self.identitynets[identity[1].name], term.tokens, term.negative,
+                                 keypoints, term.masks, identitynet_scale, controlnets,
+                                 {"prompt": prompt, **pipeline_kwargs})
 
     def _from_subjects(self, subject: Any, subjects: Any, regions: Any, kwargs: dict) -> tuple:
         if subjects is not None:

@@ -43,6 +43,9 @@ class Subject:
     sources: list[str] = field(default_factory=list)  # SHA-256 of each source image ("" for in-memory images)
     weights: list[float] = field(default_factory=list)  # each source's weight in a weighted mean ([]: equal)
     negative_sources: list[str] = field(default_factory=list)  # SHA-256 of negative photos ([]: the official negative)
+    #: Face subjects: ``kps`` (images, 5, 2) keypoints in source pixels and ``size`` (images, 2) the photos'
+    #: (width, height), so InstantID draws IdentityNet's condition without running a detector again.
+    landmarks: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def num_images(self) -> int:
@@ -53,7 +56,7 @@ class Subject:
         move = {k: v.to(device=device, dtype=dtype) for k, v in self.features.items()}
         neg = {k: v.to(device=device, dtype=dtype) for k, v in self.negative.items()}
         return Subject(move, neg, self.adapter, self.encoder, self.combine, list(self.sources), list(self.weights),
-                       list(self.negative_sources))
+                       list(self.negative_sources), {k: v.clone() for k, v in self.landmarks.items()})
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the subject atomically (temporary file, then rename)."""
@@ -62,6 +65,7 @@ class Subject:
             raise LookalikeError(f"subjects are saved as .safetensors; rename {path.name} to end in .safetensors")
         tensors = {f"features.{k}": v for k, v in self.features.items()}
         tensors.update({f"negative.{k}": v for k, v in self.negative.items()})
+        tensors.update({f"landmarks.{k}": v for k, v in self.landmarks.items()})
         meta = {"format": FORMAT, "adapter": self.adapter, "encoder": self.encoder, "combine": self.combine,
                 "sources": json.dumps(self.sources), "weights": json.dumps(self.weights),
                 "negative_sources": json.dumps(self.negative_sources)}
@@ -79,7 +83,22 @@ class Subject:
         part = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
         return cls(part("features."), part("negative."), meta["adapter"], meta["encoder"],
                    meta.get("combine", "concat"), json.loads(meta.get("sources", "[]")),
-                   json.loads(meta.get("weights", "[]")), json.loads(meta.get("negative_sources", "[]")))
+                   json.loads(meta.get("weights", "[]")), json.loads(meta.get("negative_sources", "[]")),
+                   check_landmarks(part("landmarks."), path))
+
+
+def check_landmarks(landmarks: dict[str, torch.Tensor], path: object) -> dict[str, torch.Tensor]:
+    """Refuse stored face landmarks that are not (images, 5, 2) finite keypoints with positive photo sizes."""
+    if not landmarks:
+        return {}
+    kps, size = landmarks.get("kps"), landmarks.get("size")
+    ok = (kps is not None and size is not None and set(landmarks) == {"kps", "size"} and kps.ndim == 3
+          and tuple(kps.shape[1:]) == (5, 2) and tuple(size.shape) == (kps.shape[0], 2)
+          and kps.is_floating_point() and bool(torch.isfinite(kps).all()) and bool((size > 0).all()))
+    if not ok:
+        raise LookalikeError(f"{path} holds damaged face landmarks (they must be 5 finite keypoints and a positive "
+                             f"photo size per image); encode the face again")
+    return {"kps": kps.float(), "size": size.long()}
 
 
 def stack_subjects(subjects: Sequence[Subject], dim: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
