@@ -104,6 +104,7 @@ class FaceEncoder:
         root: str | os.PathLike[str] | None = None,
         detector: DetectorName = "insightface",
         yunet_model: str | os.PathLike[str] | None = None,
+        face_recognizer: str | os.PathLike[str] | None = None,
         providers: Sequence[Any] | None = None,
         ctx_id: int = 0,
         det_size: tuple[int, int] = (640, 640),
@@ -116,8 +117,10 @@ class FaceEncoder:
         """Load an insightface pack (default ``<root>/models/buffalo_l``) with insightface's model zoo.
 
         Nothing is downloaded. ``detector="yunet"`` uses OpenCV's YuNet from ``yunet_model`` instead of
-        the pack's detector, so the folder then needs only the recognition model. ``providers`` default
-        to CUDA (when onnxruntime has it) then CPU; ``ctx_id < 0`` forces CPU, as in insightface.
+        the pack's detector, so the folder then needs only the recognition model. ``face_recognizer``: an
+        ONNX recognizer file used instead of the pack's (checked at load, see :mod:`.recognizer`); with
+        YuNet, no insightface pack is needed at all. ``providers`` default to CUDA (when onnxruntime has
+        it) then CPU; ``ctx_id < 0`` forces CPU, as in insightface.
         """
         if detector not in DETECTORS:
             raise LookalikeError(f"unknown face detector {detector!r}; use one of {', '.join(DETECTORS)}")
@@ -125,7 +128,14 @@ class FaceEncoder:
             raise LookalikeError("detector='yunet' needs yunet_model, the path of a YuNet ONNX file")
         folder = model_folder(model_dir, name=name, root=root)
         providers = list(providers) if providers is not None else default_providers()
-        models = load_pack(folder, name, need_detector=detector == "insightface", providers=providers)
+        models: dict[str, Any] = {}
+        if face_recognizer is None or detector == "insightface":
+            models = load_pack(folder, name, need_detector=detector == "insightface", providers=providers,
+                               need_recognizer=face_recognizer is None)
+        if face_recognizer is not None:
+            from .recognizer import OnnxRecognizer
+
+            models["recognition"] = OnnxRecognizer(face_recognizer, providers)
         recognizer = models["recognition"]
         recognizer.prepare(ctx_id)
         if detector == "yunet":

@@ -159,10 +159,12 @@ def default_providers() -> list[str]:
     return [*cuda, "CPUExecutionProvider"]
 
 
-def load_pack(folder: Path, name: str, *, need_detector: bool, providers: list[Any]) -> dict[str, Any]:
+def load_pack(folder: Path, name: str, *, need_detector: bool, providers: list[Any],
+              need_recognizer: bool = True) -> dict[str, Any]:
     """Route the pack's ONNX files through insightface's model zoo; keep "detection" and "recognition"."""
-    tasks = ("detection", "recognition") if need_detector else ("recognition",)
-    known = [folder / file for file in PACK_FILES.get(name, ())][-len(tasks):]
+    tasks = tuple(t for t, need in (("detection", need_detector), ("recognition", need_recognizer)) if need)
+    pack = PACK_FILES.get(name, ())
+    known = [folder / file for file, task in zip(pack, ("detection", "recognition")) if task in tasks]
     hint = _pack_hint(name, [file.name for file in known])
     if not folder.is_dir():
         raise LookalikeError(f"the insightface model folder '{folder}' does not exist; {hint}")
