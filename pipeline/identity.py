@@ -146,7 +146,7 @@ class FaceTokensHook:
             return output
         down, mid = (output.down_block_res_samples, output.mid_block_res_sample) if hasattr(
             output, "mid_block_res_sample") else output
-        down = tuple(_masked(d, face.mask) for d in down)
+        down = type(down)(_masked(d, face.mask) for d in down)  # a list or a tuple, as the net gave
         mid = _masked(mid, face.mask)
         if hasattr(output, "mid_block_res_sample"):
             return type(output)(down_block_res_samples=down, mid_block_res_sample=mid)
@@ -300,6 +300,10 @@ def run_instantid(pipe: Any, net: nn.Module, tokens: torch.Tensor, negative: tor
     width, height = int(kwargs["width"]), int(kwargs["height"])
     if masks is None:
         faces = [FaceControl(tokens.flatten(1, 2), negative.flatten(1, 2))]
+    elif tokens.shape[1] != len(keypoints):
+        raise LookalikeError(f"InstantID with several people takes one face embedding per subject, but the subjects "
+                             f"hold {tokens.shape[1]} for {len(keypoints)} faces; encode each subject's photos with "
+                             f"combine='mean'")
     else:
         faces = [FaceControl(tokens[:, i], negative[:, i], masks[0, i]) for i in range(tokens.shape[1])]
     images = [draw_keypoints((width, height), [kps]) for kps in keypoints]
