@@ -20,6 +20,7 @@ from PIL import Image
 from test_instantid_keypoints import authors_draw
 
 from lookalike import Personalizer
+from lookalike.adapters.module import IPAdapter
 from lookalike.adapters.spec import get_spec
 from lookalike.errors import LookalikeError
 from lookalike.pipeline.identity import FaceControl, face_tokens
@@ -196,3 +197,44 @@ def test_damaged_landmarks_and_a_foreign_identitynet_are_refused(instantid, tmp_
     p = Personalizer(fresh_pipe("sdxl"))
     with pytest.raises(LookalikeError, match="made for another model"):
         p.load_adapter(str(path), identitynet=tmp_path / "sd15net")
+
+
+def test_encode_keeps_the_raw_embedding_and_keypoints_and_a_saved_face_runs_no_detector(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from skimage import data
+
+    from lookalike.encoders.face import FaceEncoder
+
+    from helpers import YUNET, tiny_arcface_pack
+
+    yunet = next((p for p in (YUNET, Path(__file__).resolve().parents[3] / "shared" / YUNET.relative_to(
+        YUNET.parents[2])) if p.is_file()), None)
+    if yunet is None:
+        pytest.skip("../shared (the YuNet model) is absent")
+    pipe = fresh_pipe("sdxl")
+    spec = get_spec("instantid")
+    small = random_adapter(spec, pipe, seed=5).spec.with_(embed_dim=512)  # tiny widths, ArcFace's 512-d input
+    adapter = randomize(IPAdapter.for_unet(small, pipe.unet), 5)
+    path = save_adapter(adapter, tmp_path / "ip-adapter.safetensors")
+    tiny_identitynet(pipe.unet).save_pretrained(tmp_path / "ControlNetModel")
+    encoder = FaceEncoder.from_folder(tiny_arcface_pack(tmp_path / "pack"), detector="yunet", yunet_model=yunet)
+    p = Personalizer(pipe, face_encoder=encoder)
+    p.load_adapter(str(path))
+    photo = tmp_path / "astronaut.png"
+    Image.fromarray(data.astronaut()).save(photo)
+    subject = p.encode([photo], "instantid")
+    face = encoder.encode_faces([photo])[0]
+    assert torch.allclose(subject.features["face_id"][0, 0], torch.from_numpy(face.embedding))  # raw, as the authors
+    assert abs(face.embedding).sum() > 0 and abs(np.linalg.norm(face.embedding) - 1) > 1e-3
+    assert torch.equal(subject.landmarks["kps"][0], torch.from_numpy(face.kps))
+    assert subject.landmarks["size"].tolist() == [[512, 512]]
+    saved = Subject.load(subject.save(tmp_path / "face.safetensors"))
+
+    def no_detector(*args, **kwargs):
+        raise AssertionError("a saved face must not run the detector")
+
+    monkeypatch.setattr(encoder.detector, "detect", no_detector)
+    image = p.generate(subject=saved, prompt="a photo", num_inference_steps=1, height=SIZE, width=SIZE,
+                       output_type="np", generator=torch.Generator().manual_seed(0)).images
+    assert np.isfinite(image).all()
