@@ -53,6 +53,7 @@ if TYPE_CHECKING:  # pragma: no cover
 DEFAULT_SCALE = 0.6
 DEFAULT_STEPS = 30
 DEFAULT_NEGATIVE = "monochrome, lowres, bad anatomy, worst quality, low quality"
+DEFAULT_PROMPT = "best quality, high quality"  # the official IP-Adapter image-only prompt
 #: Default output size per base family (the demo models use their own native size).
 DEFAULT_SIZE = {"sd15": 512, "sdxl": 1024}
 #: Default classifier-free guidance per base family (the diffusers pipelines' own defaults).
@@ -143,11 +144,18 @@ def _add_reference_options(parser: argparse.ArgumentParser) -> None:
                        help="a photo of what the image should move away from (its encoder features replace the "
                             "adapter's blank negative); repeat to average several; not for FaceID adapters")
     group.add_argument("--face-models", metavar="DIR", default=None,
-                       help="FaceID adapters: the insightface model folder (default: ~/.insightface/models/buffalo_l)")
+                       help="FaceID and InstantID: the insightface model folder (default: "
+                            "~/.insightface/models/buffalo_l; antelopev2 for InstantID). insightface's packs are "
+                            "for non-commercial research only; see --face-recognizer")
     group.add_argument("--face-detector", choices=("insightface", "yunet"), default=None,
                        help="FaceID adapters: insightface's detector (default) or OpenCV's YuNet")
     group.add_argument("--yunet-model", metavar="FILE", default=None,
-                       help="with --face-detector yunet: the YuNet .onnx file")
+                       help="with --face-detector yunet: the YuNet .onnx file (OpenCV Zoo, MIT)")
+    group.add_argument("--face-recognizer", metavar="FILE", default=None,
+                       help="an ONNX face recognizer used instead of the pack's (input: one aligned 112x112 RGB "
+                            "crop, 1x3x112x112; checked at load); with --face-detector yunet no insightface pack "
+                            "is needed, so a recognizer whose licence allows your use replaces the "
+                            "non-commercial buffalo_l / antelopev2 models")
 
 
 def _add_generate(sub: Any) -> None:
@@ -167,14 +175,27 @@ def _add_generate(sub: Any) -> None:
                         help="a photo of the subject (JPEG, PNG, WebP); repeat for several photos")
     source.add_argument("--subject", metavar="SUBJECT.safetensors",
                         help="a subject saved by `lookalike encode`, instead of --reference")
-    p.add_argument("--prompt", required=True, metavar="TEXT", help="what to generate, e.g. 'a dog on the beach'")
+    p.add_argument("--prompt", default=None, metavar="TEXT",
+                   help="what to generate, e.g. 'a dog on the beach' (default: the official image-only prompt "
+                        "'best quality, high quality')")
     p.add_argument("--out", required=True, metavar="PATH.png", help="output PNG (see below for several images)")
     _add_model_options(p, with_subject=True)
     _add_reference_options(p)
     g = p.add_argument_group("generation")
-    g.add_argument("--scale", type=_non_negative_float, default=DEFAULT_SCALE,
+    g.add_argument("--scale", type=_non_negative_float, default=None,
                    help=f"strength of the subject against the prompt: 0 ignores the photos, 1 follows them "
-                        f"closely (default: {DEFAULT_SCALE})")
+                        f"closely (default: {DEFAULT_SCALE}; 0.8 for InstantID, its authors' default)")
+    g.add_argument("--identitynet-scale", type=_non_negative_float, default=None, metavar="S",
+                   help="InstantID: strength of IdentityNet, the ControlNet on the face keypoints (default: 0.8)")
+    g.add_argument("--pose-reference", metavar="IMG", default=None,
+                   help="InstantID: a photo whose face keypoints (pose and framing) IdentityNet follows "
+                        "(default: the reference photo's own)")
+    g.add_argument("--s-scale", type=_non_negative_float, default=None, metavar="S",
+                   help="FaceID-Plus: weight of the CLIP face features added to the id tokens (with --shortcut; "
+                        "default: 1.0)")
+    g.add_argument("--shortcut", action=argparse.BooleanOptionalAction, default=None,
+                   help="FaceID-Plus: keep the id tokens and add the CLIP face features to them (v2's rule; "
+                        "default: the adapter's own, on for plusv2)")
     g.add_argument("--transfer", choices=("all", "style", "layout", "strong-style"), default="all",
                    help="what the photos give: all (the subject), or only their style or layout, through the "
                         "UNet blocks that carry it (InstantStyle; ComfyUI's weight types; SD1.5 and SDXL) "
@@ -292,6 +313,7 @@ class Settings:
     reference_weights: list[float] = field(default_factory=list)
     negative_references: list[str] = field(default_factory=list)
     transfer: str = "all"
+    identity: dict[str, Any] = field(default_factory=dict)  # InstantID / FaceID-Plus keywords given to generate()
 
     def metadata(self, seed: int | str) -> dict[str, str]:
         """PNG text fields for the image made with ``seed`` (a description of seeds for a grid)."""
@@ -303,6 +325,7 @@ class Settings:
             **({"reference_weights": json.dumps(self.reference_weights)} if self.reference_weights else {}),
             **({"negative_references": json.dumps(self.negative_references)} if self.negative_references else {}),
             **({"transfer": self.transfer} if self.transfer != "all" else {}),
+            **{k: str(v) for k, v in self.identity.items()},
             "lookalike_version": __version__, "Software": f"lookalike {__version__}",
             "parameters": f"{self.prompt}\nNegative prompt: {self.negative_prompt}\nSteps: {self.steps}, "
                           f"CFG scale: {self.guidance}, Seed: {seed}, Size: {self.width}x{self.height}, "
@@ -326,9 +349,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     subject = load_subject(args.subject) if args.subject else None
     device, dtype = device_and_dtype(args.model, args.device, args.dtype)
     adapter = adapter_choice(args.adapter, subject, args.model)
+    pose = check_references([args.pose_reference])[0] if args.pose_reference else None
     with quiet_hub():
         plan = make_plan(args.model, adapter, with_encoder=subject is None)
     check_subject_fits(subject, plan.spec)
+    if (pose is not None or args.identitynet_scale is not None) and not plan.spec.controlnet_subfolder:
+        raise LookalikeError(f"--pose-reference and --identitynet-scale are for InstantID; {plan.spec.name} has no "
+                             f"IdentityNet: use --adapter instantid or drop them")
+    scale = args.scale if args.scale is not None else (
+        plan.spec.default_scale if plan.spec.controlnet_subfolder else DEFAULT_SCALE)
+    identity = {"pose_reference": pose, "identitynet_scale": args.identitynet_scale, "s_scale": args.s_scale,
+                "shortcut": args.shortcut}
     guidance = args.guidance if args.guidance is not None else DEFAULT_GUIDANCE[plan.base]
     with quiet_hub(), quiet_libraries():
         p, name = load_personalizer(plan, device, dtype, face_options(args))
@@ -340,9 +371,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
             subject = p.encode(references, adapter=name, combine=args.combine, crop=args.crop,
                                face_index=args.face_index, weights=args.reference_weights,
                                negative_images=args.negative_references)
-        settings = Settings(args.prompt, args.negative_prompt, args.model, name, args.scale, args.steps, guidance,
-                            width, height, (window[0], window[1]), args.seed, list(subject.sources),
-                            list(subject.weights), list(subject.negative_sources), args.transfer)
+        settings = Settings(args.prompt or DEFAULT_PROMPT, args.negative_prompt, args.model, name, scale, args.steps,
+                            guidance, width, height, (window[0], window[1]), args.seed, list(subject.sources),
+                            list(subject.weights), list(subject.negative_sources), args.transfer,
+                            {k: v for k, v in identity.items() if v is not None})
         images = _generate_and_save(p, subject, settings, paths[: args.num_images])
     if len(images) > 1:
         save_png(make_grid(images), paths[-1], settings.metadata(f"{args.seed}..{args.seed + len(images) - 1}"))
@@ -378,7 +410,7 @@ def _generate_and_save(p: Personalizer, subject: Subject, s: Settings, paths: li
                                 window=s.window,
                                 negative_prompt=s.negative_prompt or None, num_inference_steps=s.steps,
                                 guidance_scale=s.guidance, height=s.height, width=s.width, generator=generator,
-                                callback_on_step_end=on_step)
+                                callback_on_step_end=on_step, **s.identity)
             image = result.images[0]
             flagged = getattr(result, "nsfw_content_detected", None)
             save_png(image, path, s.metadata(s.seed + i))
@@ -478,8 +510,15 @@ def cmd_download(args: argparse.Namespace) -> int:
         paths = download(spec.name, with_encoder=not args.no_encoder)
     for path in paths:
         print(path)
+    if spec.controlnet_subfolder:
+        from .identity import resolve_identitynet_dir
+
+        with quiet_hub():
+            print(resolve_identitynet_dir(spec))
     if "face_id" in spec.features:
-        print("note: FaceID also needs insightface's buffalo_l models in ~/.insightface/models/buffalo_l",
+        pack = spec.encoder.split("+")[0].removeprefix("insightface-")
+        print(f"note: {spec.name} also needs insightface's {pack} face models in ~/.insightface/models/{pack} "
+              f"(non-commercial research only), or --face-detector yunet with --face-recognizer FILE",
               file=sys.stderr)
     return 0
 

@@ -261,10 +261,12 @@ def _model_base(model: str) -> str:
     else:
         config = _hub_unet_config(model)
     try:
-        cross = json.loads(config.read_text())["cross_attention_dim"]
+        unet = json.loads(config.read_text())
+        cross = unet["cross_attention_dim"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise LookalikeError(f"cannot read {config} ({exc}); the model's files are damaged, download it again") from exc
-    return "sdxl" if cross == 2048 else "sd15"
+    sdxl = cross == 2048 or unet.get("addition_embed_type") == "text_time"  # SDXL's size/crop conditioning
+    return "sdxl" if sdxl else "sd15"
 
 
 def _hub_unet_config(model: str) -> Path:
@@ -385,7 +387,7 @@ def quiet_libraries() -> Iterator[None]:
 
 
 def face_options(args: argparse.Namespace) -> dict[str, Any]:
-    """FaceEncoder.from_folder arguments from --face-models, --face-detector and --yunet-model."""
+    """FaceEncoder.from_folder arguments from --face-models, --face-detector, --yunet-model, --face-recognizer."""
     options: dict[str, Any] = {}
     if getattr(args, "face_models", None):
         options["model_dir"] = args.face_models
@@ -393,6 +395,8 @@ def face_options(args: argparse.Namespace) -> dict[str, Any]:
         options["detector"] = args.face_detector
     if getattr(args, "yunet_model", None):
         options["yunet_model"] = args.yunet_model
+    if getattr(args, "face_recognizer", None):
+        options["face_recognizer"] = args.face_recognizer
     return options
 
 
