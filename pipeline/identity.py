@@ -293,7 +293,9 @@ def run_instantid(pipe: Any, net: nn.Module, tokens: torch.Tensor, negative: tor
     """One SDXL generation with IdentityNet (one run per face, each kept in its region) beside the adapter.
 
     ``tokens``/``negative``: the adapter's projected face tokens ``(B, faces or images, T, C)``; ``masks``:
-    ``(1, faces, H, W)`` regions, or None for one face; ``extra``: other ``(ControlNetModel, image, scale)``.
+    ``(1, faces, H, W)`` regions, or None for one face; ``extra``: other ``(ControlNetModel, image, scale)``
+    (depth, canny, pose), which read the face tokens as their context too, as in the authors' multi-ControlNet
+    demo (their pipeline hands the face tokens to every ControlNet).
     """
     from ..encoders.keypoints import draw_keypoints
 
@@ -314,6 +316,12 @@ def run_instantid(pipe: Any, net: nn.Module, tokens: torch.Tensor, negative: tor
         scales.append(float(scale))
     control = controlnet_pipeline(pipe, nets)
     single = len(nets) == 1
-    with face_tokens(net, faces):
-        return control(image=images[0] if single else images,
-                       controlnet_conditioning_scale=scales[0] if single else scales, **kwargs)
+    everyone = FaceControl(tokens.flatten(1, 2), negative.flatten(1, 2))  # the authors' multi-ControlNet context
+    hooks = [FaceTokensHook(other, [everyone]) for other, _, _ in extra or () if other is not net]
+    try:
+        with face_tokens(net, faces):
+            return control(image=images[0] if single else images,
+                           controlnet_conditioning_scale=scales[0] if single else scales, **kwargs)
+    finally:
+        for hook in hooks:
+            hook.remove()

@@ -64,7 +64,7 @@ def ours(pipe, path, subject, **kw):
     return p, p.generate(subject=subject, **{**args, **kw}).images
 
 
-def authors_reference(folder, path, subject, scale=0.8, identitynet_scale=0.8, steps=2, guidance=5.0):
+def authors_reference(folder, path, subject, scale=0.8, identitynet_scale=0.8, steps=2, guidance=5.0, extra=None):
     """The authors' InstantID pipeline, step by step, on diffusers' own parts (the oracle)."""
     from diffusers import ControlNetModel
     from diffusers.image_processor import VaeImageProcessor
@@ -97,6 +97,13 @@ def authors_reference(folder, path, subject, scale=0.8, identitynet_scale=0.8, s
             x = sched.scale_model_input(torch.cat([latents] * 2), t)
             down, mid = net(x, t, encoder_hidden_states=face_tokens_, controlnet_cond=control,
                             conditioning_scale=identitynet_scale, added_cond_kwargs=added, return_dict=False)
+            if extra is not None:  # their MultiControlNetModel: every net reads the face tokens; residuals add up
+                other, image, other_scale = extra
+                cond = VaeImageProcessor(vae_scale_factor=pipe.vae_scale_factor, do_convert_rgb=True,
+                                         do_normalize=False).preprocess(image, height=SIZE, width=SIZE)
+                d2, m2 = other(x, t, encoder_hidden_states=face_tokens_, controlnet_cond=torch.cat([cond] * 2),
+                               conditioning_scale=other_scale, added_cond_kwargs=added, return_dict=False)
+                down, mid = [a + b for a, b in zip(down, d2)], mid + m2
             noise = unet(x, t, encoder_hidden_states=context, down_block_additional_residuals=down,
                          mid_block_additional_residual=mid,
                          added_cond_kwargs={**added, "image_embeds": [raw]}, return_dict=False)[0]
@@ -238,3 +245,14 @@ def test_encode_keeps_the_raw_embedding_and_keypoints_and_a_saved_face_runs_no_d
     image = p.generate(subject=saved, prompt="a photo", num_inference_steps=1, height=SIZE, width=SIZE,
                        output_type="np", generator=torch.Generator().manual_seed(0)).images
     assert np.isfinite(image).all()
+
+
+def test_another_controlnet_beside_identitynet_as_in_the_authors_multi_controlnet_demo(instantid):
+    folder, path, subject = instantid
+    depth_net = tiny_identitynet(fresh_pipe("sdxl").unet, seed=9)
+    depth = Image.fromarray(np.random.default_rng(1).integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8))
+    p, a = ours(fresh_pipe("sdxl"), path, subject, controlnets=[(depth_net, depth, 0.4)])
+    b = authors_reference(folder, path, subject, extra=(depth_net, depth, 0.4))
+    assert abs(a - b).max() <= TOL
+    _, alone = ours(fresh_pipe("sdxl"), path, subject)
+    assert abs(a - alone).max() > 1e-3
