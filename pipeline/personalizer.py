@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from typing import Any, Union
 
 import torch
@@ -17,6 +15,7 @@ from ..compat import diffusers_dtype
 from ..errors import LookalikeError
 from ..weights.io import adapter_from_state_dict, check_encoder, detect_spec, read_checkpoint
 from .encode import EncoderSet, ImageSource, encode_subject
+from .faceid import faceid_plus_controls
 from .subject import Subject, box_mask, stack_subjects
 
 #: One adapter's features: a tensor for single-feature variants, a dict ``{"face_id": ..., "patch": ...}`` else.
@@ -35,31 +34,6 @@ def _one_per_adapter(value: Any, count: int, what: str, is_single: Any) -> list:
     if isinstance(value, (list, tuple)) and len(value) == count:
         return list(value)
     raise LookalikeError(f"{what} must be one value for all adapters or a list of {count} (one per adapter)")
-
-
-@contextmanager
-def faceid_plus_controls(adapters: Sequence[IPAdapter], s_scale: float | None,
-                         shortcut: bool | None) -> Iterator[None]:
-    """FaceID-Plus's ``s_scale`` and ``shortcut`` for one generation (the official ``generate()`` keywords)."""
-    if s_scale is not None and (isinstance(s_scale, bool) or not math.isfinite(float(s_scale))):
-        raise LookalikeError(f"s_scale must be a finite number, not {s_scale!r}")
-    plus = [a for a in adapters if a.spec.projector == "faceid_plus"]
-    if (s_scale is not None or shortcut is not None) and not plus:
-        raise LookalikeError("s_scale and shortcut are FaceID-Plus controls; load a faceid-plus adapter to use them")
-    saved = [(a.image_proj.s_scale, a.image_proj.shortcut) for a in plus]
-    try:
-        for a in plus:
-            new = (float(s_scale) if s_scale is not None else a.image_proj.s_scale,
-                   bool(shortcut) if shortcut is not None else a.image_proj.shortcut)
-            if new != (a.image_proj.s_scale, a.image_proj.shortcut):
-                a.__dict__.pop("_projected", None)  # remembered tokens were made with the old controls
-                a.image_proj.s_scale, a.image_proj.shortcut = new
-        yield
-    finally:
-        for a, (old_scale, old_shortcut) in zip(plus, saved):
-            if (a.image_proj.s_scale, a.image_proj.shortcut) != (old_scale, old_shortcut):
-                a.__dict__.pop("_projected", None)
-                a.image_proj.s_scale, a.image_proj.shortcut = old_scale, old_shortcut
 
 
 def _is_window(w: Any) -> bool:
