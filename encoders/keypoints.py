@@ -28,6 +28,7 @@ LIMBS: tuple[tuple[int, int], ...] = ((0, 2), (1, 2), (3, 2), (4, 2))
 LIMB_HALF_WIDTH = 4  # the ellipses' minor semi-axis, pixels
 LIMB_ALPHA = 0.6  # the limb layer's brightness
 DOT_RADIUS = 10  # pixels
+MAX_COORDINATE = 1 << 20  # keypoints farther out than this come from a damaged file, not a photo
 
 
 def check_keypoints(kps: np.ndarray | Sequence, what: str = "keypoints") -> np.ndarray:
@@ -39,6 +40,9 @@ def check_keypoints(kps: np.ndarray | Sequence, what: str = "keypoints") -> np.n
         raise LookalikeError(f"{what} must be 5 (x, y) points (eyes, nose, mouth corners), got shape {array.shape}")
     if not np.isfinite(array).all():
         raise LookalikeError(f"{what} hold NaN or infinite coordinates; detect the face again")
+    if np.abs(array).max() > MAX_COORDINATE:
+        raise LookalikeError(f"{what} lie {np.abs(array).max():.3g} pixels away, beyond any photo; detect the face "
+                             f"again")
     return array
 
 

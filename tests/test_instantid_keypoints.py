@@ -91,3 +91,5 @@ def test_several_faces_and_bad_keypoints():
         draw_keypoints((32, 32), [a[:4]])
     with pytest.raises(LookalikeError, match="NaN"):
         draw_keypoints((32, 32), [a * np.nan])
+    with pytest.raises(LookalikeError, match="beyond any photo"):
+        draw_keypoints((32, 32), [a * 1e30])
