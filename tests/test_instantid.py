@@ -173,14 +173,15 @@ def test_pose_reference_subject_and_saved_face_run_no_detector(instantid, tmp_pa
     saved = subject.save(tmp_path / "face.safetensors")
     loaded = Subject.load(saved)
     assert torch.equal(loaded.landmarks["kps"], subject.landmarks["kps"])
-    _, a = ours(fresh_pipe("sdxl"), path, loaded)
+    p, a = ours(fresh_pipe("sdxl"), path, loaded, num_inference_steps=1)
     moved = Subject(subject.features, subject.negative, "instantid", "insightface-antelopev2",
                     landmarks={"kps": torch.from_numpy(KPS[::-1].copy() + 3)[None], "size": torch.tensor([[64, 64]])})
-    _, b = ours(fresh_pipe("sdxl"), path, loaded, pose_reference=moved)
+    kw = dict(prompt="a photo", num_inference_steps=1, height=SIZE, width=SIZE, output_type="np")
+    b = p.generate(subject=loaded, pose_reference=moved, generator=torch.Generator().manual_seed(0), **kw).images
     assert abs(a - b).max() > 1e-4  # another pose, another IdentityNet condition
     bare = Subject(subject.features, subject.negative, "instantid", "insightface-antelopev2")
     with pytest.raises(LookalikeError, match="no face keypoints"):
-        ours(fresh_pipe("sdxl"), path, bare)
+        p.generate(subject=bare, **kw)
 
 
 def test_damaged_landmarks_and_a_foreign_identitynet_are_refused(instantid, tmp_path):
@@ -251,8 +252,9 @@ def test_another_controlnet_beside_identitynet_as_in_the_authors_multi_controlne
     folder, path, subject = instantid
     depth_net = tiny_identitynet(fresh_pipe("sdxl").unet, seed=9)
     depth = Image.fromarray(np.random.default_rng(1).integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8))
-    p, a = ours(fresh_pipe("sdxl"), path, subject, controlnets=[(depth_net, depth, 0.4)])
-    b = authors_reference(folder, path, subject, extra=(depth_net, depth, 0.4))
+    p, a = ours(fresh_pipe("sdxl"), path, subject, controlnets=[(depth_net, depth, 0.4)], num_inference_steps=1)
+    b = authors_reference(folder, path, subject, extra=(depth_net, depth, 0.4), steps=1)
     assert abs(a - b).max() <= TOL
-    _, alone = ours(fresh_pipe("sdxl"), path, subject)
+    alone = p.generate(subject=subject, prompt="a photo", num_inference_steps=1, guidance_scale=5.0, height=SIZE,
+                       width=SIZE, output_type="np", generator=torch.Generator().manual_seed(0)).images
     assert abs(a - alone).max() > 1e-3
