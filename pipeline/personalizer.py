@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Union
 
 import torch
@@ -98,8 +99,9 @@ class Personalizer:
         """Load and stack an adapter: registry name, local file, ``repo_id/filename`` or a built ``IPAdapter``.
 
         InstantID also loads its IdentityNet: ``identitynet`` (a folder or a ControlNetModel), else the
-        ``ControlNetModel/`` folder beside the adapter file, else the hub's. Returns the name the adapter is
-        known by (unique among loaded adapters).
+        ``ControlNetModel/`` folder beside the adapter file, else (for a registry name or hub path) the hub's;
+        ``identitynet=False`` loads the adapter alone. Returns the name the adapter is known by (unique among
+        loaded adapters).
         """
         path = None
         if isinstance(source, IPAdapter):
@@ -118,20 +120,25 @@ class Personalizer:
         while unique in taken:
             unique, n = f"{base_name}#{n}", n + 1
         adapter.name = unique
-        net = self._identitynet_for(adapter.spec, identitynet, path) if adapter.spec.controlnet_subfolder else None
+        local = not isinstance(source, IPAdapter) and Path(source).expanduser().exists()
+        wanted = adapter.spec.controlnet_subfolder and identitynet is not False
+        net = self._identitynet_for(adapter.spec, identitynet, path, local) if wanted else None
         self.handle.add(adapter)
         if net is not None:
             self.identitynets[unique] = net
         return unique
 
-    def _identitynet_for(self, spec: AdapterSpec, given: Any, path: str | None) -> Any:
+    def _identitynet_for(self, spec: AdapterSpec, given: Any, path: str | None, local: bool) -> Any:
         from .identity import load_identitynet, resolve_identitynet_dir
 
         unet = self.pipe.unet
         if isinstance(given, torch.nn.Module):
             return given.to(device=unet.device, dtype=unet.dtype).eval().requires_grad_(False)
-        if given is None and path is None and not spec.repo_id:
-            raise LookalikeError(f"{spec.name} needs its IdentityNet: pass identitynet=FOLDER or a ControlNetModel")
+        beside = Path(path).parent / (spec.controlnet_subfolder or "") if path else None
+        if given is None and (path is None or local) and not (beside and (beside / "config.json").is_file()):
+            where = f"no {spec.controlnet_subfolder}/ folder beside {path}" if path else "it was given built"
+            raise LookalikeError(f"{spec.name} needs its IdentityNet and {where}: pass identitynet=FOLDER (or a "
+                                 f"ControlNetModel), or identitynet=False for the adapter alone")
         return load_identitynet(resolve_identitynet_dir(spec, given, beside=path), unet, device=unet.device,
                                 dtype=unet.dtype)
 

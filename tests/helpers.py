@@ -20,7 +20,7 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 def tiny_spec(spec: AdapterSpec, cross: int, lora: bool = False) -> AdapterSpec:
     """A registry spec shrunk to a tiny UNet's width, keeping the shapes rules diffusers infers from."""
     kw = dict(spec.projector_kwargs)
-    embed = {"linear": 24, "resampler": 40, "id_resampler": 16, "mlp": 40, "faceid": 16,
+    embed = {"linear": 24, "resampler": 40, "id_resampler": 512, "mlp": 40, "faceid": 16,
              "faceid_plus": 16}[spec.projector]
     if spec.projector in ("resampler", "id_resampler"):
         kw.update(dim=32, heads=2)

@@ -1,6 +1,6 @@
 """InstantID on a tiny random SDXL and a tiny random IdentityNet (a diffusers ControlNetModel), fp32 CPU.
 
-* The adapter half (a Resampler over the 512-d, here 16-d, ArcFace embedding) is compared with diffusers'
+* The adapter half (a Resampler over the 512-d ArcFace embedding) is compared with diffusers'
   load_ip_adapter in tests/test_parity_diffusers.py (the registry's every variant, instantid included).
 * The IdentityNet half equals diffusers' ControlNetModel called with the face tokens as encoder_hidden_states.
 * End to end equals a reference written here from the authors' published pipeline
@@ -20,7 +20,6 @@ from PIL import Image
 from test_instantid_keypoints import authors_draw
 
 from lookalike import Personalizer
-from lookalike.adapters.module import IPAdapter
 from lookalike.adapters.spec import get_spec
 from lookalike.errors import LookalikeError
 from lookalike.pipeline.identity import FaceControl, face_tokens
@@ -78,7 +77,7 @@ def authors_reference(folder, path, subject, scale=0.8, identitynet_scale=0.8, s
     with torch.no_grad():
         pe, npe, pooled, npooled = pipe.encode_prompt("a photo", device="cpu", num_images_per_prompt=1,
                                                       do_classifier_free_guidance=True, negative_prompt=None)
-        face = subject.features["face_id"].reshape(1, 1, 1, -1)  # one 512-d token (16-d here)
+        face = subject.features["face_id"].reshape(1, 1, 1, -1)  # one 512-d token
         raw = torch.cat([torch.zeros_like(face), face])  # the zero embedding is the negative face
         face_tokens_ = unet.encoder_hid_proj([raw])[0].flatten(1, 2)  # (2, 16, C): [negative; positive]
         kps = KPS * np.array([SIZE / 64, SIZE / 64], np.float32)
@@ -205,6 +204,14 @@ def test_damaged_landmarks_and_a_foreign_identitynet_are_refused(instantid, tmp_
     p = Personalizer(fresh_pipe("sdxl"))
     with pytest.raises(LookalikeError, match="made for another model"):
         p.load_adapter(str(path), identitynet=tmp_path / "sd15net")
+    alone = tmp_path / "elsewhere"
+    alone.mkdir()
+    moved = alone / "ip-adapter.safetensors"
+    moved.write_bytes(path.read_bytes())
+    with pytest.raises(LookalikeError, match="no ControlNetModel/ folder beside .*identitynet=False"):
+        p.load_adapter(str(moved))  # a local file: never a silent download
+    p.load_adapter(str(moved), identitynet=False)
+    assert p.identitynets == {} and len(p.adapters) == 1
 
 
 def test_encode_keeps_the_raw_embedding_and_keypoints_and_a_saved_face_runs_no_detector(tmp_path, monkeypatch):
@@ -222,8 +229,7 @@ def test_encode_keeps_the_raw_embedding_and_keypoints_and_a_saved_face_runs_no_d
         pytest.skip("../shared (the YuNet model) is absent")
     pipe = fresh_pipe("sdxl")
     spec = get_spec("instantid")
-    small = random_adapter(spec, pipe, seed=5).spec.with_(embed_dim=512)  # tiny widths, ArcFace's 512-d input
-    adapter = randomize(IPAdapter.for_unet(small, pipe.unet), 5)
+    adapter = random_adapter(spec, pipe, seed=5)  # tiny widths, ArcFace's 512-d input
     path = save_adapter(adapter, tmp_path / "ip-adapter.safetensors")
     tiny_identitynet(pipe.unet).save_pretrained(tmp_path / "ControlNetModel")
     encoder = FaceEncoder.from_folder(tiny_arcface_pack(tmp_path / "pack"), detector="yunet", yunet_model=yunet)

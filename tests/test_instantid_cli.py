@@ -44,7 +44,7 @@ def test_instantid_from_the_command_line_on_a_tiny_sdxl(tmp_path, capsys):
     pipe.save_pretrained(tmp_path / "model")
     path = save_adapter(random_adapter(get_spec("instantid"), pipe, seed=5), tmp_path / "ip-adapter.safetensors")
     tiny_identitynet(pipe.unet).save_pretrained(tmp_path / "ControlNetModel")
-    face = torch.randn(1, 1, 16, generator=torch.Generator().manual_seed(7))
+    face = torch.randn(1, 1, 512, generator=torch.Generator().manual_seed(7))
     subject = Subject({"face_id": face}, {"face_id": torch.zeros_like(face)}, "instantid", "insightface-antelopev2",
                       landmarks={"kps": torch.from_numpy(KPS)[None], "size": torch.tensor([[64, 64]])})
     subject.save(tmp_path / "face.safetensors")

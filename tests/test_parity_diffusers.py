@@ -36,7 +36,7 @@ def run_both(tmp_path, base, names, scale=1.0, masks=None, seed_offset=0, images
         adapter = random_adapter(spec, ours, seed=i + seed_offset)
         path = save_adapter(adapter, tmp_path / f"a{i}.safetensors")
         files.append(path.name)
-        p.load_adapter(str(path))
+        p.load_adapter(str(path), identitynet=False)  # InstantID's adapter half alone, as diffusers loads it
         feats = features_for(adapter.spec, images=images, seed=10 + i)
         neg = features_for(adapter.spec, images=images, seed=20 + i)
         embeds.append(feats if len(feats) > 1 else feats[adapter.spec.features[0]])
