@@ -367,9 +367,9 @@ class Personalizer:
         face_encoder = self.encoders.get(encoder_of(identity[1].spec)[0]) if identity and (
             pose_reference is not None and not hasattr(pose_reference, "landmarks")) else None
         if identity is not None and not (pipeline_kwargs.get("height") and pipeline_kwargs.get("width")):
-            width, height = output_size_for(face_encoder, many, pose_reference)
-            pipeline_kwargs.setdefault("width", width)
-            pipeline_kwargs.setdefault("height", height)
+            width, height = output_size_for(face_encoder, many, pose_reference)  # the authors' size for the photo
+            pipeline_kwargs["width"] = pipeline_kwargs.get("width") or width
+            pipeline_kwargs["height"] = pipeline_kwargs.get("height") or height
         if subjects is not None and regions is None and pose_reference is not None:
             from .identity import photo_faces
 
