@@ -18,8 +18,18 @@ from typing import Any
 import torch
 
 from ..adapters.spec import ENCODERS, AdapterSpec
+from ..fileio import FolderLock
 from .cache import CacheSource, build_cache, cache_constants, read_manifest
-from .checkpoint import EMA, TrainState, check_resumable, export_adapter, resume_folder, save_checkpoint
+from .checkpoint import (
+    EMA,
+    TrainState,
+    check_resumable,
+    export_adapter,
+    load_checkpoint,
+    remove_leftovers,
+    resume_folder,
+    save_checkpoint,
+)
 from .config import DEMO_BASES, TrainConfig
 from .data import DrawSettings, ImageSource, SampleSource, SampleStream, make_loader
 from .models import (
@@ -259,8 +269,21 @@ def _reference_images(records: list[Record]) -> list[Any]:
 
 def train(config: TrainConfig, models: Models | None = None) -> TrainResult:
     """Run the training the config describes; returns what it did. ``models``: frozen models built by the
-    caller (e.g. full-size random ones in the benchmark) instead of loading ``config.base``."""
+    caller (e.g. full-size random ones in the benchmark) instead of loading ``config.base``. One run at a
+    time per ``--output``: a second is refused while the first lives."""
     accelerator = make_accelerator(config)
+    lock = FolderLock(config.output, "lookalike-train") if accelerator.is_main_process else None
+    if lock is not None:
+        lock.acquire()
+        remove_leftovers(Path(config.output))
+    try:
+        return _train(config, accelerator, models)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(config: TrainConfig, accelerator: Any, models: Models | None) -> TrainResult:
     from accelerate.utils import set_seed
 
     set_seed(config.seed)
@@ -276,13 +299,10 @@ def train(config: TrainConfig, models: Models | None = None) -> TrainResult:
     state = TrainState()
     adapter = accelerator.unwrap_model(trainer).adapter
     ema = EMA(adapter.parameters(), config.ema_decay) if config.ema_decay else None
-    for obj in (state, schedule, ema):
-        if obj is not None:
-            accelerator.register_for_checkpointing(obj)
     folder = resume_folder(config)
     if folder is not None:
         check_resumable(folder, config)
-        accelerator.load_state(str(folder))
+        load_checkpoint(folder, accelerator, trainer, optimizer, schedule, state, ema)
         log.info("resumed from %s at step %d", folder, state.step)
     try:
         return _loop(run, trainer, optimizer, schedule, ema, state)
@@ -353,7 +373,7 @@ def _loop(run: Run, trainer: Any, optimizer: Any, schedule: Any, ema: EMA | None
         last = state.step == c.steps
         if last or (c.checkpoint_every and state.step % c.checkpoint_every == 0):
             _sum_skips(acc, state, skips)
-            save_checkpoint(acc, c, state, adapter, ema, info)
+            save_checkpoint(acc, c, state, trainer, optimizer, schedule, ema, info)
         if vset is not None and (last or state.step % c.validate_every == 0):
             _validate(run, trainer, vset, state, result)
     progress.bar.close()
