@@ -31,7 +31,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import DEMO_BASES, TrainConfig
-from .data import DrawSettings, ImageSource, SampleSource, SampleStream, make_loader
+from .data import DrawSettings, ImageSource, SampleSource, SampleStream, make_loader, next_batch
 from .models import (
     Models,
     base_family,
@@ -336,7 +336,7 @@ def _step(run: Run, trainer: Any, optimizer: Any, loader: Any, state: TrainState
     acc, c = run.accelerator, run.config
     losses = []
     for _ in range(c.grad_accum):
-        batch = next(loader)
+        batch = next_batch(loader)
         _note_skips(batch.pop("skipped"), skips, seen)
         losses.append(_micro_step(run, trainer, optimizer, batch))
         state.consumed += c.batch_size * acc.num_processes
@@ -360,23 +360,25 @@ def _loop(run: Run, trainer: Any, optimizer: Any, schedule: Any, ema: EMA | None
     adapter = acc.unwrap_model(trainer).adapter
     info = {"base": c.base, "data": c.data, "seed": c.seed, "variant": run.spec.name}
     result, skips, seen, progress = TrainResult(steps=state.step), Counter(), set(), _Progress(acc, c, state)
-    while state.step < c.steps:
-        began, began_cpu = time.perf_counter(), time.process_time()
-        loss = _step(run, trainer, optimizer, loader, state, skips, seen)
-        schedule.step()
-        if ema is not None:
-            ema.update(adapter.parameters())
-        result.losses.append(loss)
-        result.seconds.append(time.perf_counter() - began)
-        result.cpu_seconds.append(time.process_time() - began_cpu)
-        progress.update(state, loss, schedule.get_last_lr()[0], sum(state.skipped.values()) + sum(skips.values()))
-        last = state.step == c.steps
-        if last or (c.checkpoint_every and state.step % c.checkpoint_every == 0):
-            _sum_skips(acc, state, skips)
-            save_checkpoint(acc, c, state, trainer, optimizer, schedule, ema, info)
-        if vset is not None and (last or state.step % c.validate_every == 0):
-            _validate(run, trainer, vset, state, result)
-    progress.bar.close()
+    try:
+        while state.step < c.steps:
+            began, began_cpu = time.perf_counter(), time.process_time()
+            loss = _step(run, trainer, optimizer, loader, state, skips, seen)
+            schedule.step()
+            if ema is not None:
+                ema.update(adapter.parameters())
+            result.losses.append(loss)
+            result.seconds.append(time.perf_counter() - began)
+            result.cpu_seconds.append(time.process_time() - began_cpu)
+            progress.update(state, loss, schedule.get_last_lr()[0], sum(state.skipped.values()) + sum(skips.values()))
+            last = state.step == c.steps
+            if last or (c.checkpoint_every and state.step % c.checkpoint_every == 0):
+                _sum_skips(acc, state, skips)
+                save_checkpoint(acc, c, state, trainer, optimizer, schedule, ema, info)
+            if vset is not None and (last or state.step % c.validate_every == 0):
+                _validate(run, trainer, vset, state, result)
+    finally:
+        progress.bar.close()  # ends its line, so an error prints on a line of its own
     return _finish(run, adapter, ema, state, result, info)
 
 
