@@ -253,3 +253,80 @@ def test_an_error_inside_a_dataloader_worker_is_one_line(tmp_path, capsys):
     assert main(args) == 2
     line = one_error(capsys)
     assert "records in a row could not be read" in line and "Caught" not in line
+
+
+# -- the cache ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A complete cache of 6 records, and its data."""
+    root = tmp_path_factory.mktemp("cache")
+    data = write_json_set(root / "data", 6)
+    torch.set_num_threads(1)
+    args = ["--data", str(data), "--output", str(root / "unused"), "--base", "demo", "--num-workers", "0",
+            "--num-validation", "0", "--cache", str(root / "cache"), "--build-cache"]
+    assert main(args) == 0
+    return data, root / "cache"
+
+
+def _shard(folder: Path) -> Path:
+    return next(folder.glob("shard-*.safetensors"))
+
+
+def _edit_shard(folder: Path, change) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(_shard(folder)))
+    change(tensors)
+    save_file(tensors, str(_shard(folder)))
+
+
+def _edit_manifest(folder: Path, **fields) -> None:
+    manifest = json.loads((folder / "cache.json").read_text())
+    manifest.update(fields)
+    (folder / "cache.json").write_text(json.dumps(manifest))
+
+
+CACHE_DAMAGES = {
+    "manifest not JSON": lambda c, s: (c / "cache.json").write_text("{"),
+    "manifest shards escape": lambda c, s: _edit_manifest(c, shards=["../../escape.safetensors"]),
+    "manifest records a string": lambda c, s: _edit_manifest(c, records="six"),
+    "constants truncated": lambda c, s: _truncate(c / "constants.safetensors"),
+    "constants a pickle": lambda c, s: (c / "constants.safetensors").write_bytes(pickles(s)["torch-zip"]),
+    "shard a pickle": lambda c, s: _shard(c).write_bytes(pickles(s)["pickle4"]),
+    "shard index out of range": lambda c, s: _edit_shard(c, lambda t: t.update(index=t["index"] + 1000)),
+    "shard rows short": lambda c, s: _edit_shard(c, lambda t: t.update(latent_mean=t["latent_mean"][:2])),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(CACHE_DAMAGES))
+def test_a_damaged_cache_is_one_line_and_runs_no_code(cache, tmp_path, capsys, damage):
+    data, built = cache
+    folder = tmp_path / "cache"
+    shutil.copytree(built, folder)
+    sentinel = tmp_path / "PWNED"
+    CACHE_DAMAGES[damage](folder, sentinel)
+    args = ["--data", str(data), "--output", str(tmp_path / "o"), "--base", "demo", "--num-workers", "0",
+            "--num-validation", "0", "--cache", str(folder), "--steps", "1", "--batch-size", "2"]
+    assert main(args) == 2
+    assert f"the cache in {folder} is damaged" in one_error(capsys)
+    assert not sentinel.exists()
+    assert not (tmp_path / "o" / "adapter.safetensors").exists()
+
+
+def test_a_non_finite_cache_row_is_skipped_and_counted(cache, tmp_path):
+    from test_train_helpers import run_config
+
+    from lookalike.training.loop import train
+
+    data, built = cache
+    folder = tmp_path / "cache"
+    shutil.copytree(built, folder)
+
+    def poison(t):
+        t["latent_mean"][1] = float("nan")
+    _edit_shard(folder, poison)
+    result = train(run_config(tmp_path, data, cache=str(folder), steps=3, batch_size=2))
+    assert result.skipped == {"non-finite cache row": 1}
+    assert all(torch.isfinite(v).all() for v in weights(result.adapter_path).values())

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ..adapters.spec import ENCODERS, AdapterSpec
+from ..errors import LookalikeError
 from ..fileio import FolderLock
 from .cache import CacheSource, build_cache, cache_constants, read_manifest
 from .checkpoint import (
@@ -172,13 +173,23 @@ def build_run(config: TrainConfig, accelerator: Any, models: Models | None = Non
                resolution)
 
 
+def _cached_latent_shape(source: SampleSource) -> tuple[int, ...]:
+    """The latent shape of the first readable cached row."""
+    for i in range(min(len(source), 64)):
+        try:
+            return tuple(source.load(i, torch.zeros(2))["latent_mean"].shape)
+        except SkipSample:
+            continue
+    raise LookalikeError("the cache's first rows are unreadable (NaN or Inf); delete the cache and build it again")
+
+
 def draw_settings(run: Run) -> DrawSettings:
     c = run.config
     if run.models.vae is not None:
         factor = 2 ** (len(run.models.vae.config.block_out_channels) - 1)
         shape = (run.models.vae.config.latent_channels, run.resolution // factor, run.resolution // factor)
     else:
-        shape = tuple(run.train_source.load(0, torch.zeros(2))["latent_mean"].shape)
+        shape = _cached_latent_shape(run.train_source)
     return DrawSettings(shape, run.models.noise_scheduler.config.num_train_timesteps,  # type: ignore[arg-type]
                         c.drop_image, c.drop_text, c.drop_both, c.noise_offset, c.timestep_bias,
                         c.timestep_bias_portion, c.timestep_bias_multiplier)
