@@ -126,17 +126,21 @@ def safe_name(name: str, what: str) -> str:
     return name
 
 
-def inside(root: str | os.PathLike, *parts: str | os.PathLike, what: str = "path") -> Path:
-    """``root / parts`` when it resolves (symbolic links followed) inside ``root``; else a one-line error.
+def inside(root: str | os.PathLike, *parts: str | os.PathLike, what: str = "path", links: bool = True) -> Path:
+    """``root / parts`` when it stays inside ``root``; else a one-line error.
 
-    For every path built from data: ``inside(out, "images", subject, "0-0.png")``.
+    For every path built from data: ``inside(out, "images", subject, "0-0.png")``. ``links``: resolve
+    symbolic links too (the default; a link that leads out is refused). ``links=False`` checks the names
+    alone (no file-system call: for listing millions of training records, whose data may link elsewhere).
     """
     base = Path(root).expanduser()
     joined = base.joinpath(*parts)
     if any("\x00" in str(p) for p in parts):
         raise LookalikeError(f"{what} {joined} holds a NUL character; fix the name")
-    real_root = base.resolve()
-    real = joined.resolve()
+    if links:
+        real_root, real = base.resolve(), joined.resolve()
+    else:
+        real_root, real = Path(os.path.abspath(base)), Path(os.path.abspath(joined))
     if real != real_root and real_root not in real.parents:
         shown = os.path.join(*[str(p) for p in parts]) if parts else str(joined)
         raise LookalikeError(f"{what} {shown!r} leads outside {base} (through '..', an absolute path or a "

@@ -24,6 +24,7 @@ from PIL import Image
 
 from ..encoders.prepare import load_image
 from ..errors import LookalikeError
+from ..fileio import inside
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 FACE_SUFFIXES = (".npy", ".pt", ".safetensors")
@@ -175,12 +176,15 @@ def json_records(path: Path, root: Path) -> list[Record]:
 
         def ref(field: str, item: dict = item) -> Path | None:
             value = item.get(field)
-            return root / value if isinstance(value, str) and value else None
+            return inside(root, value, what=field, links=False) if isinstance(value, str) and value else None
 
         text = item.get("text", item.get("caption"))
-        records.append(Record(str(item.get("image_file", f"{path.name}:{i}")), ref("image_file"),
-                              text if isinstance(text, str) else None, ref("id_embed_file"),
-                              ref("reference_file") or ref("face_image_file")))
+        key = str(item.get("image_file", f"{path.name}:{i}"))
+        try:
+            records.append(Record(key, ref("image_file"), text if isinstance(text, str) else None,
+                                  ref("id_embed_file"), ref("reference_file") or ref("face_image_file")))
+        except LookalikeError:  # a path leading outside the data root: counted and skipped, never read
+            records.append(Record(key, None, None, problem="path outside the data root"))
     return records
 
 
