@@ -330,3 +330,59 @@ def test_a_non_finite_cache_row_is_skipped_and_counted(cache, tmp_path):
     result = train(run_config(tmp_path, data, cache=str(folder), steps=3, batch_size=2))
     assert result.skipped == {"non-finite cache row": 1}
     assert all(torch.isfinite(v).all() for v in weights(result.adapter_path).values())
+
+
+# -- face-embedding and caption files of training records ------------------------------------------------
+
+
+def hostile_side_files(folder: Path, sentinel: Path) -> dict[str, Path]:
+    """Face-embedding files that must each be one skipped sample: payload pickles under every name,
+    object arrays, an .npy whose header claims terabytes, an oversized file, non-tensors, NaN."""
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for kind, blob in pickles(sentinel).items():
+        for suffix in (".pt", ".npy", ".safetensors"):
+            files[f"{kind}{suffix}"] = folder / f"{kind}{suffix}"
+            files[f"{kind}{suffix}"].write_bytes(blob)
+    objects = np.empty(2, dtype=object)
+    objects[0] = Payload(sentinel)
+    with open(folder / "objects.npy", "wb") as f:
+        np.lib.format.write_array(f, objects, allow_pickle=True)
+    files["object array"] = folder / "objects.npy"
+    header = {"descr": "<f4", "fortran_order": False, "shape": (10**12,)}
+    with open(folder / "huge.npy", "wb") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        f.write(b"\x00" * 64)
+    files["terabyte header"] = folder / "huge.npy"
+    np.save(folder / "big.npy", np.zeros(400_000, np.float32))
+    files["oversized"] = folder / "big.npy"
+    torch.save({"not": "a tensor"}, folder / "dict.pt")
+    files["a dict"] = folder / "dict.pt"
+    np.save(folder / "nan.npy", np.full(512, np.nan, np.float32))
+    files["NaN"] = folder / "nan.npy"
+    return files
+
+
+def test_hostile_face_embedding_files_are_skipped_and_run_no_code(tmp_path):
+    from lookalike.training.records import SkipSample, read_face_id
+
+    sentinel = tmp_path / "PWNED"
+    for kind, path in hostile_side_files(tmp_path / "faces", sentinel).items():
+        with pytest.raises(SkipSample) as caught:
+            read_face_id(path)
+        assert caught.value.reason == "bad face embedding", kind
+    assert not sentinel.exists()
+    import numpy as np
+
+    np.save(tmp_path / "ok.npy", np.arange(512, dtype=np.float32))
+    assert read_face_id(tmp_path / "ok.npy").shape == (512,)
+
+
+def test_an_oversized_caption_is_skipped_unread(tmp_path):
+    from lookalike.training.records import MAX_SIDE_FILE, SkipSample, read_caption
+
+    (tmp_path / "c.txt").write_bytes(b"a" * (MAX_SIDE_FILE + 1))
+    with pytest.raises(SkipSample, match="unreadable caption"):
+        read_caption(tmp_path / "c.txt")
