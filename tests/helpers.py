@@ -119,3 +119,12 @@ def tiny_arcface_pack(folder: Path, seed: int = 0) -> Path:
     export_onnx(TinyArcFace(), torch.zeros(1, 3, 112, 112), folder / "w600k_r50.onnx", ["fc1"], batch=True)
     return folder
 
+
+
+def one_error(capsys) -> str:
+    """The one ``error:`` line a failed CLI call printed on stderr (and no traceback)."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    return lines[0]

@@ -23,6 +23,8 @@ from lookalike.evaluation.store import read_records
 from lookalike.fileio import inside, safe_name
 from lookalike.pipeline.cli import main as lookalike_main
 
+from helpers import one_error
+
 SINGLE = (0, 1, lambda: None)
 
 
@@ -37,14 +39,6 @@ def escapes(depth: int = 3) -> list[str]:
 
 def snapshot(root: Path) -> set[str]:
     return {p.relative_to(root).as_posix() for p in root.rglob("*")}
-
-
-def one_error(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def test_inside_refuses_every_escape_and_keeps_plain_paths(tmp_path):

@@ -18,6 +18,8 @@ from lookalike.train_encoder import main
 from lookalike.training.checkpoint import MANIFEST, problem
 from lookalike.training.state import DamagedFile, load_state, save_state
 
+from helpers import one_error
+
 FLAGS = ["--base", "demo", "--adapter", "basic", "--num-workers", "0", "--num-validation", "0", "--steps", "4",
          "--checkpoint-every", "2", "--batch-size", "2", "--ema-decay", "0.9", "--lr", "1e-3"]
 
@@ -71,14 +73,6 @@ def copy_run(run, tmp_path: Path) -> Path:
 
 def snapshot(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def one_error(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def rehash(folder: Path) -> None:

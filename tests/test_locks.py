@@ -19,6 +19,8 @@ from lookalike.fileio import FolderLock, write_atomic
 from lookalike.pipeline.cli import main as lookalike_main
 from lookalike.train_encoder import main as train_main
 
+from helpers import one_error
+
 #: The folder holding the ``lookalike`` package under test (symbolic links kept, as in PYTHONPATH).
 PACKAGE_PARENT = str(Path(lookalike.__file__).parent.parent)
 
@@ -41,14 +43,6 @@ def _wait_ready(proc: subprocess.Popen) -> None:
 def _kill(proc: subprocess.Popen) -> None:
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
-
-
-def one_error(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def holder(folder: Path, command: str) -> subprocess.Popen:
