@@ -15,6 +15,7 @@ import torch
 from test_train_helpers import run_config, single_thread, weights, write_image, write_json_set
 
 from lookalike import Personalizer
+from lookalike.errors import LookalikeError
 from lookalike.pipeline.tiny import tiny_pipeline
 from lookalike.training import loop
 from lookalike.training.config import parse_args
@@ -376,3 +377,18 @@ def test_validation_records_are_held_back_only_when_validation_is_on(tmp_path):
     data = write_json_set(tmp_path / "data", 10)
     assert _trained_records(run_config(tmp_path, data, num_validation=4)) == 10
     assert _trained_records(run_config(tmp_path, data, num_validation=4, validate_every=5)) == 6
+
+
+def test_a_lora_run_resumed_from_its_checkpoint_ends_bit_identical(tmp_path):
+    from dataclasses import replace
+
+    data = write_json_set(tmp_path / "data", 4, faces=True)
+    cfg = run_config(tmp_path, data, out="full", adapter="faceid", train_lora=True, lora_rank=4, steps=4,
+                     checkpoint_every=2, lr=1e-2, ema_decay=0.9)
+    full = train(cfg)
+    resumed = train(replace(cfg, output=str(tmp_path / "resumed"), resume=str(tmp_path / "full/checkpoint-2")))
+    assert resumed.losses == full.losses[2:]
+    a, b = weights(full.adapter_path), weights(resumed.adapter_path)
+    assert any("_lora." in k for k in a) and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(LookalikeError, match="train-lora"):
+        train(replace(cfg, output=str(tmp_path / "other"), train_lora=False, resume=str(tmp_path / "full/checkpoint-2")))

@@ -133,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``lookalike-train`` command line."""
     d = TrainConfig(data="", output="")
     p = _Parser(prog="lookalike-train", description="Train an IP-Adapter-style adapter (projector and "
-                "to_k_ip/to_v_ip) on a frozen SD1.5 or SDXL model; one CPU to many GPUs through accelerate.")
+                "to_k_ip/to_v_ip, optionally FaceID's attention LoRA) on a frozen SD1.5 or SDXL model; one CPU to "
+                "many GPUs through accelerate.")
     g = p.add_argument_group("model")
     g.add_argument("--base", default=d.base, help="hub id, local diffusers folder, 'demo' or 'demo-sdxl' "
                    "(tiny random models built in code)")
