@@ -115,6 +115,7 @@ class _Term:
     input: AdapterInput
     scales: dict[int, Any]
     cache: dict[tuple, Any] = field(default_factory=dict)
+    keep_kv: bool = True  # False: image keys/values recomputed at every call (gradient checkpointing recomputes)
 
     def batch_tokens(self, batch: int) -> torch.Tensor:
         """Tokens laid out as the UNet batch: ``[negative; positive]`` under guidance, else positive."""
@@ -130,14 +131,16 @@ class _Term:
                dtype: torch.dtype, device: torch.device) -> Iterator[tuple]:
         """(k_ip, v_ip, scale, region or None) to add at this layer; keys/values cached per generation."""
         key = (layer.index, batch)
-        if key not in self.cache:
+        kvs = self.cache.get(key)
+        if kvs is None:
             tokens = self.batch_tokens(batch).to(device)  # (B, I, T, C)
             ip_layer = self.adapter.layer(layer.index)
             if self.input.masks is None:
-                self.cache[key] = [ip_kv(ip_layer, tokens.flatten(1, 2), heads, head_dim)]
+                kvs = [ip_kv(ip_layer, tokens.flatten(1, 2), heads, head_dim)]
             else:
-                self.cache[key] = [ip_kv(ip_layer, tokens[:, i], heads, head_dim) for i in range(tokens.shape[1])]
-        kvs = self.cache[key]
+                kvs = [ip_kv(ip_layer, tokens[:, i], heads, head_dim) for i in range(tokens.shape[1])]
+            if self.keep_kv:
+                self.cache[key] = kvs
         scale = self.scales[layer.index]
         if self.input.masks is None:
             k, v = kvs[0]
@@ -209,13 +212,16 @@ class AdapterHandle:
 
     # -- per generation ---------------------------------------------------------------------------
     @contextmanager
-    def conditioned(self, inputs: Sequence[AdapterInput | None]) -> Iterator[None]:
-        """Condition every UNet call inside the block; ``inputs[i]`` goes to ``adapters[i]`` (None: off)."""
+    def conditioned(self, inputs: Sequence[AdapterInput | None], keep_kv: bool = True) -> Iterator[None]:
+        """Condition every UNet call inside the block; ``inputs[i]`` goes to ``adapters[i]`` (None: off).
+
+        ``keep_kv=False`` computes each layer's image keys/values at every call instead of once per block, as
+        gradient checkpointing needs (its recomputation must run the same operations as the forward)."""
         if len(inputs) != len(self.adapters):
             raise LookalikeError(f"{len(self.adapters)} adapters are loaded but {len(inputs)} inputs were given; "
                                  f"give one entry per adapter (None to leave one out)")
         cross = [x for x in self.layers if x.is_cross]
-        terms = [None if inp is None else _Term(a, inp, layer_scales(self.unet, cross, inp.scale))
+        terms = [None if inp is None else _Term(a, inp, layer_scales(self.unet, cross, inp.scale), keep_kv=keep_kv)
                  for a, inp in zip(self.adapters, inputs)]
         for t in terms:
             if t is not None and not 0.0 <= t.input.window[0] <= t.input.window[1] <= 1.0:
@@ -229,6 +235,27 @@ class AdapterHandle:
         finally:
             self._terms, self._text_kv = previous, previous_kv
             self._needs_progress = False
+
+    def checkpoint_function(self) -> Callable[..., Any]:
+        """A function for diffusers' ``enable_gradient_checkpointing``: a block recomputed in the backward pass
+        (after :meth:`conditioned` has closed) sees the conditioning it saw in the forward pass. Condition with
+        ``keep_kv=False`` so that the recomputation runs the operations of the forward."""
+        from torch.utils.checkpoint import checkpoint
+
+        def run(module: nn.Module, *args: Any) -> Any:
+            state = (self._terms, self._progress)
+
+            def call(*inner: Any) -> Any:
+                saved = (self._terms, self._progress)
+                self._terms, self._progress = state
+                try:
+                    return module(*inner)
+                finally:
+                    self._terms, self._progress = saved
+
+            return checkpoint(call, *args, use_reentrant=False)
+
+        return run
 
     def text_kv(self, index: int, context: torch.Tensor,
                 compute: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:

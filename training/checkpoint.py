@@ -46,7 +46,7 @@ MANIFEST = "checkpoint.json"
 ENGINE = "engine"  # DeepSpeed's own files, under DeepSpeed only
 FORMAT = 1
 #: Fields a resumed run must share with the run it continues.
-MUST_MATCH = ("base", "adapter", "seed", "resolution", "data", "train_lora", "lora_rank")
+MUST_MATCH = ("base", "adapter", "seed", "resolution", "data", "train_lora", "lora_rank", "optimizer")
 
 
 @dataclass

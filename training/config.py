@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -19,6 +20,7 @@ DEMO_BASES = {"demo": "sd15", "demo-sdxl": "sdxl"}
 SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 PRECISIONS = ("no", "fp16", "bf16")
 CACHE_DTYPES = ("float32", "float16", "bfloat16")
+OPTIMIZERS = ("adamw", "adamw8bit")
 
 
 def adapter_choices() -> list[str]:
@@ -66,6 +68,8 @@ class TrainConfig:
     drop_text: float = 0.05
     drop_both: float = 0.05
     mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    optimizer: str = "adamw"
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     resume: str | None = None
@@ -187,6 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--drop-text", type=_rate, default=d.drop_text, help="per-sample caption drop rate")
     g.add_argument("--drop-both", type=_rate, default=d.drop_both, help="per-sample drop of both")
     g.add_argument("--mixed-precision", default=d.mixed_precision, choices=PRECISIONS)
+    g.add_argument("--gradient-checkpointing", action="store_true", help="recompute the frozen model's "
+                   "activations in the backward pass instead of keeping them (less memory, about a third slower)")
+    g.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS, help="adamw (default) or adamw8bit "
+                   "(bitsandbytes' 8-bit AdamW: optimizer state in a quarter of the memory; needs bitsandbytes)")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--cpu", action="store_true", help="train on the CPU even where a GPU is present")
     g = p.add_argument_group("checkpoints and validation")
@@ -219,6 +227,9 @@ def check_config(config: TrainConfig) -> None:
         raise FlagError("--timestep-bias-multiplier 0 with portion 1 leaves no timestep to draw; raise either")
     if config.lr <= 0:
         raise FlagError(f"--lr must be positive, not {config.lr}")
+    if config.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        raise FlagError("--optimizer adamw8bit needs bitsandbytes, which is not installed: pip install bitsandbytes "
+                        "(CUDA machines), or use --optimizer adamw")
     if config.build_cache and not config.cache:
         raise FlagError("--build-cache needs --cache DIR to write to")
     if config.cache and config.crop == "random":

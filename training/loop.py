@@ -212,13 +212,25 @@ def build_trainer(run: Run) -> tuple[AdapterTrainer, Any, Any, AdapterSpec]:
     dims = {k: int(v.shape[-1]) for k, v in run.consts.negatives.items()}
     spec = fit_spec(run.spec, dims, run.models.unet.config.cross_attention_dim, c.lora_rank if c.train_lora else 0)
     adapter = build_adapter(spec, run.models.unet, c.seed, c.init_from).to(run.accelerator.device)
-    trainer = AdapterTrainer(adapter, run.models.unet)
-    optimizer = torch.optim.AdamW(adapter.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+    trainer = AdapterTrainer(adapter, run.models.unet, checkpointing=c.gradient_checkpointing)
+    optimizer = make_optimizer(c, adapter.parameters())
     schedule = get_scheduler(c.lr_scheduler, optimizer, num_warmup_steps=c.lr_warmup_steps, num_training_steps=c.steps)
     n = sum(p.numel() for p in adapter.parameters())
     parts = "projector + to_k_ip/to_v_ip" + (f" + rank-{spec.lora_rank} attention LoRA" if spec.lora_rank else "")
     log.info("training %s: %.2fM parameters (%s); everything else frozen", spec.name, n / 1e6, parts)
     return trainer, optimizer, schedule, spec
+
+
+def make_optimizer(config: TrainConfig, params: Any) -> torch.optim.Optimizer:
+    """AdamW, or bitsandbytes' 8-bit AdamW (``--optimizer adamw8bit``; checked installed by the flags)."""
+    if config.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError as exc:  # installed but broken (e.g. no CUDA build)
+            raise LookalikeError(f"--optimizer adamw8bit: bitsandbytes does not import ({exc}); use --optimizer "
+                                 f"adamw") from exc
+        return bnb.optim.AdamW8bit(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
 def _sum_skips(accelerator: Any, state: TrainState, new: Counter) -> None:
@@ -328,7 +340,10 @@ def _train(config: TrainConfig, accelerator: Any, models: Models | None) -> Trai
     try:
         return _loop(run, trainer, optimizer, schedule, ema, state)
     finally:
-        accelerator.unwrap_model(trainer).handle.detach()
+        model = accelerator.unwrap_model(trainer)
+        model.handle.detach()
+        if model.checkpointing:
+            run.models.unet.disable_gradient_checkpointing()
         accelerator.end_training()
 
 
