@@ -115,7 +115,6 @@ class _Term:
     input: AdapterInput
     scales: dict[int, Any]
     cache: dict[tuple, Any] = field(default_factory=dict)
-    keep_kv: bool = True  # False: image keys/values recomputed at every call (gradient checkpointing recomputes)
 
     def batch_tokens(self, batch: int) -> torch.Tensor:
         """Tokens laid out as the UNet batch: ``[negative; positive]`` under guidance, else positive."""
@@ -131,16 +130,14 @@ class _Term:
                dtype: torch.dtype, device: torch.device) -> Iterator[tuple]:
         """(k_ip, v_ip, scale, region or None) to add at this layer; keys/values cached per generation."""
         key = (layer.index, batch)
-        kvs = self.cache.get(key)
-        if kvs is None:
+        if key not in self.cache:
             tokens = self.batch_tokens(batch).to(device)  # (B, I, T, C)
             ip_layer = self.adapter.layer(layer.index)
             if self.input.masks is None:
-                kvs = [ip_kv(ip_layer, tokens.flatten(1, 2), heads, head_dim)]
+                self.cache[key] = [ip_kv(ip_layer, tokens.flatten(1, 2), heads, head_dim)]
             else:
-                kvs = [ip_kv(ip_layer, tokens[:, i], heads, head_dim) for i in range(tokens.shape[1])]
-            if self.keep_kv:
-                self.cache[key] = kvs
+                self.cache[key] = [ip_kv(ip_layer, tokens[:, i], heads, head_dim) for i in range(tokens.shape[1])]
+        kvs = self.cache[key]
         scale = self.scales[layer.index]
         if self.input.masks is None:
             k, v = kvs[0]
@@ -212,16 +209,13 @@ class AdapterHandle:
 
     # -- per generation ---------------------------------------------------------------------------
     @contextmanager
-    def conditioned(self, inputs: Sequence[AdapterInput | None], keep_kv: bool = True) -> Iterator[None]:
-        """Condition every UNet call inside the block; ``inputs[i]`` goes to ``adapters[i]`` (None: off).
-
-        ``keep_kv=False`` computes each layer's image keys/values at every call instead of once per block, as
-        gradient checkpointing needs (its recomputation must run the same operations as the forward)."""
+    def conditioned(self, inputs: Sequence[AdapterInput | None]) -> Iterator[None]:
+        """Condition every UNet call inside the block; ``inputs[i]`` goes to ``adapters[i]`` (None: off)."""
         if len(inputs) != len(self.adapters):
             raise LookalikeError(f"{len(self.adapters)} adapters are loaded but {len(inputs)} inputs were given; "
                                  f"give one entry per adapter (None to leave one out)")
         cross = [x for x in self.layers if x.is_cross]
-        terms = [None if inp is None else _Term(a, inp, layer_scales(self.unet, cross, inp.scale), keep_kv=keep_kv)
+        terms = [None if inp is None else _Term(a, inp, layer_scales(self.unet, cross, inp.scale))
                  for a, inp in zip(self.adapters, inputs)]
         for t in terms:
             if t is not None and not 0.0 <= t.input.window[0] <= t.input.window[1] <= 1.0:
@@ -238,8 +232,8 @@ class AdapterHandle:
 
     def checkpoint_function(self) -> Callable[..., Any]:
         """A function for diffusers' ``enable_gradient_checkpointing``: a block recomputed in the backward pass
-        (after :meth:`conditioned` has closed) sees the conditioning it saw in the forward pass. Condition with
-        ``keep_kv=False`` so that the recomputation runs the operations of the forward."""
+        (after :meth:`conditioned` has closed) sees the conditioning it saw in the forward pass, and each run of a
+        block computes its image keys/values afresh, so the recomputation runs the operations of the forward."""
         from torch.utils.checkpoint import checkpoint
 
         def run(module: nn.Module, *args: Any) -> Any:
@@ -248,6 +242,9 @@ class AdapterHandle:
             def call(*inner: Any) -> Any:
                 saved = (self._terms, self._progress)
                 self._terms, self._progress = state
+                for term in self._terms or []:
+                    if term is not None:
+                        term.cache.clear()
                 try:
                     return module(*inner)
                 finally:

@@ -35,7 +35,7 @@ class AdapterTrainer(nn.Module):
                 features: dict[str, torch.Tensor], added: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         tokens = self.adapter.project({k: v.unsqueeze(1) for k, v in features.items()})  # (B, 1, T, C)
         dtype = self.unet.dtype
-        with self.handle.conditioned([AdapterInput(tokens)], keep_kv=not self.checkpointing):
+        with self.handle.conditioned([AdapterInput(tokens)]):
             return self.unet(noisy.to(dtype), timesteps, context.to(dtype), added_cond_kwargs=added).sample
 
 
