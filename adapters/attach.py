@@ -230,6 +230,30 @@ class AdapterHandle:
             self._terms, self._text_kv = previous, previous_kv
             self._needs_progress = False
 
+    def checkpoint_function(self) -> Callable[..., Any]:
+        """A function for diffusers' ``enable_gradient_checkpointing``: a block recomputed in the backward pass
+        (after :meth:`conditioned` has closed) sees the conditioning it saw in the forward pass, and each run of a
+        block computes its image keys/values afresh, so the recomputation runs the operations of the forward."""
+        from torch.utils.checkpoint import checkpoint
+
+        def run(module: nn.Module, *args: Any) -> Any:
+            state = (self._terms, self._progress)
+
+            def call(*inner: Any) -> Any:
+                saved = (self._terms, self._progress)
+                self._terms, self._progress = state
+                for term in self._terms or []:
+                    if term is not None:
+                        term.cache.clear()
+                try:
+                    return module(*inner)
+                finally:
+                    self._terms, self._progress = saved
+
+            return checkpoint(call, *args, use_reentrant=False)
+
+        return run
+
     def text_kv(self, index: int, context: torch.Tensor,
                 compute: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer ``index``'s keys and values of the prompt ``context``: computed once per conditioned block.

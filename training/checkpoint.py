@@ -46,7 +46,7 @@ MANIFEST = "checkpoint.json"
 ENGINE = "engine"  # DeepSpeed's own files, under DeepSpeed only
 FORMAT = 1
 #: Fields a resumed run must share with the run it continues.
-MUST_MATCH = ("base", "adapter", "seed", "resolution", "data")
+MUST_MATCH = ("base", "adapter", "seed", "resolution", "data", "train_lora", "lora_rank", "optimizer")
 
 
 @dataclass
@@ -207,14 +207,24 @@ def check_resumable(folder: Path, config: TrainConfig) -> None:
             raise ValueError("not an object")
     except (OSError, ValueError) as exc:
         raise _damaged(folder, f"{CONFIG_FILE} is not a JSON object ({exc})") from exc
+    defaults = TrainConfig(data="", output="")  # what a checkpoint of a version without the field ran with
     for key in MUST_MATCH:
-        if saved.get(key) != getattr(config, key):
+        if saved.get(key, getattr(defaults, key)) != getattr(config, key):
             raise LookalikeError(f"{folder} was trained with --{key.replace('_', '-')} {saved.get(key)}, this run "
                                  f"has {getattr(config, key)}; use the same value or another --output")
+    if _held_out(saved, defaults) != _held_out(vars(config), defaults):
+        log.warning("resuming with other --validate-every/--num-validation: other records are held out, so the "
+                    "run continues but is no longer identical to an uninterrupted one")
     for key in ("batch_size", "grad_accum", "ema_decay", "cache"):
         if saved.get(key) != getattr(config, key):
             log.warning("resuming with --%s %s (was %s): the run continues but is no longer identical to an "
                         "uninterrupted one", key.replace("_", "-"), getattr(config, key), saved.get(key))
+
+
+def _held_out(config: dict[str, Any], defaults: TrainConfig) -> int:
+    """How many records a run held out for validation (only with validation on)."""
+    on = config.get("validate_every", defaults.validate_every)
+    return int(config.get("num_validation", defaults.num_validation)) if on else 0
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:

@@ -20,6 +20,7 @@ from torch.utils.data import Dataset, Sampler
 
 from ..encoders.prepare import to_clip_pixels
 from ..errors import LookalikeError
+from .faces import FaceEmbedder
 from .records import Record, SkipSample, read_caption, read_face_id, read_image
 
 #: How many records in a row may be unreadable before the run stops (the data is then broken, not noisy).
@@ -138,6 +139,7 @@ class ImageSource:
     clip_std: Sequence[float] = (0.26862954, 0.26130258, 0.27577711)
     random_crop: bool = False
     face_normed: bool = True
+    faces: FaceEmbedder | None = None  # embeds the faces of records without a face-id file
 
     def __len__(self) -> int:
         return len(self.records)
@@ -151,13 +153,18 @@ class ImageSource:
             raise SkipSample(record.problem, record.key)
         caption = read_caption(record.text)
         out: dict[str, Any] = {}
-        if "face_id" in self.features:
+        embed_here = "face_id" in self.features and record.face_id is None and self.faces is not None
+        if "face_id" in self.features and not embed_here:
             out["face_id"] = read_face_id(record.face_id, self.face_normed)  # (512,)
         image = read_image(record.image)
+        face_crop = None
+        if embed_here:  # no id_embed_file: the largest face of the image, as the official data was made
+            out["face_id"], face_crop = self.faces.embed(image, record.key)  # (512,)
         out["pixels"], time_ids = vae_pixels(image, self.resolution, crop_u if self.random_crop else None)
         out["time_ids"] = torch.tensor(time_ids, dtype=torch.float32)
         if "pooled" in self.features or "patch" in self.features:
-            reference = image if record.face_image is None else read_image(record.face_image)
+            reference = read_image(record.face_image) if record.face_image is not None else (
+                face_crop if face_crop is not None else image)
             out["clip_pixels"] = to_clip_pixels([reference], self.clip_size, self.clip_mean, self.clip_std)[0]
         out["input_ids"] = tokenize(self.tokenizers, caption)
         return out

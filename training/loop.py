@@ -116,7 +116,7 @@ def image_source(run_models: Models, records: list[Record], spec: AdapterSpec, r
     enc = run_models.image_encoder
     extra = {} if enc is None else {"clip_size": enc.image_size, "clip_mean": enc.mean, "clip_std": enc.std}
     return ImageSource(records, resolution, spec.features, run_models.tokenizers, random_crop=config.crop == "random",
-                       face_normed=spec.face_normed, **extra)
+                       face_normed=spec.face_normed, faces=run_models.faces, **extra)
 
 
 def _model_source(name: str, presets: Container[str]) -> str:
@@ -131,7 +131,15 @@ def fingerprint(config: TrainConfig, spec: AdapterSpec, resolution: int, records
     encoder = _model_source(config.image_encoder, ENCODERS) if config.image_encoder else "default"
     return {"base": _model_source(config.base, DEMO_BASES), "features": list(spec.features), "image_encoder": encoder,
             "resolution": resolution, "data": str(Path(config.data).expanduser().resolve()), "records": records,
-            "dtype": config.cache_dtype, "face_normed": spec.face_normed}
+            "dtype": config.cache_dtype, "face_normed": spec.face_normed, "face_models": _face_source(config)}
+
+
+def _face_source(config: TrainConfig) -> str | None:
+    """How missing face ids are embedded (a cache holds their results): the models and the detector."""
+    if not config.face_models:
+        return None
+    yunet = f":{Path(config.yunet_model).expanduser().resolve()}" if config.yunet_model else ""
+    return f"{Path(config.face_models).expanduser().resolve()} ({config.face_detector}{yunet})"
 
 
 def build_run(config: TrainConfig, accelerator: Any, models: Models | None = None) -> Run | None:
@@ -141,7 +149,7 @@ def build_run(config: TrainConfig, accelerator: Any, models: Models | None = Non
     spec = resolve_spec(config.adapter, family)
     records = find_records(config.data, config.data_root)
     resolution = default_resolution(config, family)
-    train_idx, val_idx = split_records(records, config.num_validation)
+    train_idx, val_idx = split_records(records, config.num_validation if config.validate_every else 0)
     folder = Path(config.cache) if config.cache else None
     stamp = fingerprint(config, spec, resolution, len(records))
     manifest = read_manifest(folder, stamp) if folder else None
@@ -160,6 +168,7 @@ def build_run(config: TrainConfig, accelerator: Any, models: Models | None = Non
             if config.build_cache:
                 return None
             models.vae, models.text_encoders, models.image_encoder = None, [], None  # the cache replaces them
+            models.faces = None
             gc.collect()
         consts = cache_constants(folder, manifest)
         train_source: SampleSource = CacheSource.open(folder, manifest, train_idx)
@@ -201,14 +210,27 @@ def build_trainer(run: Run) -> tuple[AdapterTrainer, Any, Any, AdapterSpec]:
 
     c = run.config
     dims = {k: int(v.shape[-1]) for k, v in run.consts.negatives.items()}
-    spec = fit_spec(run.spec, dims, run.models.unet.config.cross_attention_dim)
+    spec = fit_spec(run.spec, dims, run.models.unet.config.cross_attention_dim, c.lora_rank if c.train_lora else 0)
     adapter = build_adapter(spec, run.models.unet, c.seed, c.init_from).to(run.accelerator.device)
-    trainer = AdapterTrainer(adapter, run.models.unet)
-    optimizer = torch.optim.AdamW(adapter.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+    trainer = AdapterTrainer(adapter, run.models.unet, checkpointing=c.gradient_checkpointing)
+    optimizer = make_optimizer(c, adapter.parameters())
     schedule = get_scheduler(c.lr_scheduler, optimizer, num_warmup_steps=c.lr_warmup_steps, num_training_steps=c.steps)
     n = sum(p.numel() for p in adapter.parameters())
-    log.info("training %s: %.2fM parameters (projector + to_k_ip/to_v_ip); everything else frozen", spec.name, n / 1e6)
+    parts = "projector + to_k_ip/to_v_ip" + (f" + rank-{spec.lora_rank} attention LoRA" if spec.lora_rank else "")
+    log.info("training %s: %.2fM parameters (%s); everything else frozen", spec.name, n / 1e6, parts)
     return trainer, optimizer, schedule, spec
+
+
+def make_optimizer(config: TrainConfig, params: Any) -> torch.optim.Optimizer:
+    """AdamW, or bitsandbytes' 8-bit AdamW (``--optimizer adamw8bit``; checked installed by the flags)."""
+    if config.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError as exc:  # installed but broken (e.g. no CUDA build)
+            raise LookalikeError(f"--optimizer adamw8bit: bitsandbytes does not import ({exc}); use --optimizer "
+                                 f"adamw") from exc
+        return bnb.optim.AdamW8bit(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
 def _sum_skips(accelerator: Any, state: TrainState, new: Counter) -> None:
@@ -318,7 +340,10 @@ def _train(config: TrainConfig, accelerator: Any, models: Models | None) -> Trai
     try:
         return _loop(run, trainer, optimizer, schedule, ema, state)
     finally:
-        accelerator.unwrap_model(trainer).handle.detach()
+        model = accelerator.unwrap_model(trainer)
+        model.handle.detach()
+        if model.checkpointing:
+            run.models.unet.disable_gradient_checkpointing()
         accelerator.end_training()
 
 

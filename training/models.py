@@ -20,6 +20,7 @@ from ..encoders.clip import ClipImageEncoder
 from ..errors import LookalikeError
 from ..weights.io import check_fits, read_checkpoint
 from .config import DEMO_BASES, TrainConfig
+from .faces import FaceEmbedder, face_embedder
 
 log = logging.getLogger("lookalike.train")
 FACE_ID_DIM = 512
@@ -36,6 +37,7 @@ class Models:
     text_encoders: list[nn.Module] = field(default_factory=list)
     tokenizers: list[Any] = field(default_factory=list)
     image_encoder: ClipImageEncoder | None = None
+    faces: FaceEmbedder | None = None  # embeds faces of records without an id file (--face-models)
     source: str = "demo"
 
     def frozen(self) -> list[nn.Module]:
@@ -149,7 +151,12 @@ def load_models(config: TrainConfig, spec_name: str, need_encoders: bool = True)
     else:
         parts = _pretrained_components(config.base, family, need_encoders)
     encoder = load_image_encoder(config, spec) if need_encoders else None
-    models = Models(family=family, image_encoder=encoder, source=config.base, **parts)
+    if config.face_models and "face_id" not in spec.features:
+        raise LookalikeError(f"--face-models embeds faces for FaceID adapters; {spec.name} reads no face embedding, "
+                             f"so drop --face-models")
+    faces = face_embedder(config.face_models, config.face_detector, config.yunet_model,
+                          spec.face_normed) if need_encoders else None
+    models = Models(family=family, image_encoder=encoder, faces=faces, source=config.base, **parts)
     for module in models.frozen():
         module.requires_grad_(False).eval()
     return models, spec
@@ -173,14 +180,15 @@ def place(models: Models, device: torch.device, dtype: torch.dtype) -> None:
         models.image_encoder.to(device=device, dtype=dtype)
 
 
-def fit_spec(spec: AdapterSpec, dims: dict[str, int], cross: int) -> AdapterSpec:
-    """The variant sized to this UNet and these encoder widths; trained without LoRA, no hub location.
+def fit_spec(spec: AdapterSpec, dims: dict[str, int], cross: int, lora_rank: int = 0) -> AdapterSpec:
+    """The variant sized to this UNet and these encoder widths, with a LoRA of ``lora_rank`` (0: none), no hub
+    location.
 
     With the official models nothing but ``lora_rank`` changes. Other widths (the demo's tiny models, other
     encoders) change ``embed_dim``/``clip_dim``; a UNet of another cross-attention width also gets a
     Resampler of that width and ``width // 64`` heads.
     """
-    changes: dict[str, Any] = {"lora_rank": 0, "cross_attention_dim": cross, "repo_id": None, "subfolder": None,
+    changes: dict[str, Any] = {"lora_rank": lora_rank, "cross_attention_dim": cross, "repo_id": None, "subfolder": None,
                                "filename": None}
     first = spec.features[0]
     if first in dims:
@@ -212,16 +220,21 @@ def feature_dims(models: Models, spec: AdapterSpec, cached: dict[str, int] | Non
 
 def build_adapter(spec: AdapterSpec, unet: nn.Module, seed: int, init_from: str | None = None) -> IPAdapter:
     """A trainable adapter for ``unet``: seeded projector, ``to_k_ip``/``to_v_ip`` copied from text ``to_k``/``to_v``,
-    or the weights of ``init_from`` (an official-layout checkpoint; a LoRA in it is left out)."""
+    and, when ``spec.lora_rank``, a LoRA on every attention layer (``up`` zero, so training starts at the base
+    UNet; Hu et al. 2021); or the weights of ``init_from`` (an official-layout checkpoint; its LoRA is used when
+    this run trains one of that rank, else left out)."""
     torch.manual_seed(seed)
-    adapter = IPAdapter.for_unet(spec, unet, lora=False)
+    adapter = IPAdapter.for_unet(spec, unet, lora=bool(spec.lora_rank))
     adapter.init_from_unet(unet)
     if init_from:
         sd, _ = read_checkpoint(init_from)
-        dropped = [k for k in sd if "_lora." in k]
-        sd = {k: v for k, v in sd.items() if "_lora." not in k}
-        if dropped:
-            log.info("--init-from: %d LoRA weights left out (this trainer trains no LoRA)", len(dropped))
+        lora = [k for k in sd if "_lora." in k]
+        if lora and not spec.lora_rank:
+            sd = {k: v for k, v in sd.items() if "_lora." not in k}
+            log.info("--init-from: %d LoRA weights left out (add --train-lora to train them)", len(lora))
+        elif spec.lora_rank and not lora:
+            sd.update({k: v for k, v in adapter.state_dict().items() if "_lora." in k})
+            log.info("--init-from: the file has no LoRA; the LoRA starts fresh (zero up-projection)")
         check_fits(spec, sd, adapter)
         adapter.load_state_dict(sd, strict=True)
         log.info("adapter initialised from %s", init_from)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import io
 import json
+import pickle
 import re
 import tarfile
 import warnings
@@ -110,17 +111,48 @@ def read_image(ref: Ref | None) -> Image.Image:
 
 
 def read_caption(text: str | Ref | None) -> str:
-    """The caption, or :class:`SkipSample` ("empty caption" / "missing file")."""
+    """The caption, stripped; an absent or empty one is ``""`` (as the official scripts train it: the model
+    learns the image alone). :class:`SkipSample` ("unreadable caption") when a caption file cannot be read."""
     if text is not None and not isinstance(text, str):
         if _missing(text):
-            raise SkipSample("missing caption", str(text))
+            return ""
         try:
             text = read_bytes(text, MAX_SIDE_FILE).decode("utf-8")
         except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
             raise SkipSample("unreadable caption", f"{text}: {exc}") from exc
-    if text is None or not text.strip():
-        raise SkipSample("empty caption")
-    return text.strip()
+    return (text or "").strip()
+
+
+#: Float dtypes a pickled numpy face embedding may have (their classes are all the unpickler may build).
+EMBED_DTYPES = (np.float16, np.float32, np.float64)
+
+
+def numpy_globals() -> list:
+    """Exactly the globals ``torch.save`` of a float numpy array refers to: numpy's array rebuilder (under
+    its numpy 2 and numpy 1 module names), ``ndarray``, ``dtype`` and the float dtype classes."""
+    rebuild = np.zeros(1).__reduce__()[0]  # numpy._core.multiarray._reconstruct (numpy.core in numpy 1)
+    names = ("numpy._core.multiarray._reconstruct", "numpy.core.multiarray._reconstruct")
+    return [*((rebuild, name) for name in names), np.ndarray, np.dtype, *(type(np.dtype(t)) for t in EMBED_DTYPES)]
+
+
+def _torch_vector(data: bytes) -> torch.Tensor:
+    """A tensor from ``torch.save`` bytes: a plain tensor, or a float numpy array (the official FaceID data),
+    read with ``weights_only=True`` and only :func:`numpy_globals` allowed (for this call alone)."""
+    with warnings.catch_warnings():  # torch warns about pickle protocols it reads anyway
+        warnings.simplefilter("ignore", UserWarning)
+        try:
+            with torch.serialization.safe_globals(numpy_globals()):
+                value = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise ValueError("it pickles something other than a plain tensor or float array; refused unread "
+                             "(nothing in it ran)") from exc
+    if isinstance(value, np.ndarray):
+        if value.dtype.type not in EMBED_DTYPES:
+            raise ValueError(f"it holds a {value.dtype} array, not an embedding")
+        return torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"it holds a {type(value).__name__}, not a tensor or an array")
+    return value.float()
 
 
 def read_face_id(ref: Ref | None, normed: bool = True) -> torch.Tensor:
@@ -139,12 +171,7 @@ def read_face_id(ref: Ref | None, normed: bool = True) -> torch.Tensor:
 
             vec = next(iter(load_st(data).values())).float()
         else:
-            with warnings.catch_warnings():  # torch warns about pickle protocols it reads anyway
-                warnings.simplefilter("ignore", UserWarning)
-                vec = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)  # plain tensors only
-            if not isinstance(vec, torch.Tensor):
-                raise ValueError(f"it holds a {type(vec).__name__}, not a tensor")
-            vec = vec.float()
+            vec = _torch_vector(data)
     except Exception as exc:  # any unreadable payload is one skipped sample, never the end of the run
         raise SkipSample("bad face embedding", f"{ref}: {exc}") from exc
     vec = vec.flatten()

@@ -22,11 +22,14 @@ class AdapterTrainer(nn.Module):
     """The trainable adapter driving a frozen UNet. Only the adapter is a submodule, so DDP syncs, and
     checkpoints hold, the adapter alone; the UNet is attached to it through lookalike's own processor."""
 
-    def __init__(self, adapter: IPAdapter, unet: nn.Module) -> None:
+    def __init__(self, adapter: IPAdapter, unet: nn.Module, checkpointing: bool = False) -> None:
         super().__init__()
         self.adapter = adapter
         object.__setattr__(self, "unet", unet)  # frozen, deliberately not registered
         self.handle = attach_adapters(unet, [adapter])
+        self.checkpointing = checkpointing
+        if checkpointing:  # the frozen blocks' activations are recomputed in the backward pass, not kept
+            unet.enable_gradient_checkpointing(self.handle.checkpoint_function())
 
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
                 features: dict[str, torch.Tensor], added: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
