@@ -208,7 +208,11 @@ def launch(engine: Engine, host: str = "127.0.0.1", port: int = 7860, *, block: 
     gr = _import_gradio()
     page = build_page(engine)
     page.queue(default_concurrency_limit=1, max_size=32)
-    page.launch(server_name=host, server_port=port, share=False, inbrowser=False, max_file_size=MAX_UPLOAD,
-                allowed_paths=[str(Path(engine.workdir))], theme=theme(gr), footer_links=[], ssr_mode=False,
-                show_error=True, prevent_thread_lock=not block, quiet=False, pwa=False, mcp_server=False)
+    try:
+        page.launch(server_name=host, server_port=port, share=False, inbrowser=False, max_file_size=MAX_UPLOAD,
+                    allowed_paths=[str(Path(engine.workdir))], theme=theme(gr), footer_links=[], ssr_mode=False,
+                    show_error=True, prevent_thread_lock=not block, quiet=False, pwa=False, mcp_server=False)
+    except OSError as exc:  # gradio's "Cannot find empty port", or an address that is not this machine's
+        raise LookalikeError(f"cannot serve on {host}:{port} ({_one_line(str(exc)).split('. ')[0]}); "
+                             f"pick another --port or --host") from None
     return page

@@ -250,6 +250,7 @@ def _add_download(sub: Any) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with its subcommands."""
+    from ..app.command import add_app_parser
     from ..evaluation.cli import add_eval_parser
     from ..world.cli import add_demo_parser
 
@@ -267,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_download(sub)
     add_eval_parser(sub)
     add_demo_parser(sub)
+    add_app_parser(sub)
     return parser
 
 
