@@ -111,12 +111,12 @@ def check_request(r: Request) -> None:
 
 
 def photo_weights(weights: Sequence[float], count: int) -> tuple[str | None, list[float] | None]:
-    """``combine`` and weights for ``count`` photos: all weights equal keep every photo's tokens (the CLI's
-    default); different weights average the photos, weighted (``--reference-weight``)."""
+    """``combine`` and weights for ``count`` photos: equal positive weights keep every photo's tokens (the CLI's
+    default); other weights average the photos, weighted (``--reference-weight``; all zero is refused)."""
     from ..pipeline.encode import resolve_combine
 
     given = [float(w) for w in weights[:count]]
-    if len(set(given)) <= 1:
+    if len(set(given)) == 1 and given[0] > 0:
         return None, None
     return resolve_combine(None, given, count)
 

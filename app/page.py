@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from ..errors import LookalikeError
 from .engine import MAX_IMAGES, MAX_SIDE, MAX_STEPS, TRANSFERS, Engine, Photos, Request
 
-#: Reference photo slots on the page, each with its own weight.
+#: Reference photo slots on the page, each with its own weight (the handlers name reference_1 .. reference_3).
 REFERENCE_SLOTS = 3
 #: Largest upload Gradio accepts (a photo or a subject file); pixels are checked when a photo is opened.
 MAX_UPLOAD = "50mb"
@@ -150,23 +150,35 @@ def build_page(engine: Engine) -> Any:
             with gr.Column(scale=1):
                 gallery = gr.Gallery(label="images", format="png", type="filepath", columns=2, height=420,
                                      interactive=False, elem_id="gallery")
-                status = gr.Markdown("", elem_id="status")
+                status = gr.Markdown("", label="status", elem_id="status")
                 files = gr.File(label="PNG files (with their settings in the metadata)", file_count="multiple",
                                 interactive=False, elem_id="png-files")
                 subject_out = gr.File(label="subject file", interactive=False, elem_id="subject-out")
 
         photo_inputs = [*slots, negatives, face_index]
 
+        first_adapter = engine.default_adapter(model)
+
         @shown_errors
-        def on_generate(*values: Any, progress: Any = gr.Progress()) -> tuple[Any, str, Any]:  # noqa: B008
-            (*photo_values, subject_file, text, negative_text, model_name, adapter_name, scale_v, transfer_v,
-             start_v, end_v, seed_v, count_v, steps_v, guidance_v, width_v, height_v) = values
+        def on_generate(reference_1: str | None = None, weight_1: float = 1.0, reference_2: str | None = None,
+                        weight_2: float = 1.0, reference_3: str | None = None, weight_3: float = 1.0,
+                        negative_photos: list[str] | None = None, face_index: int = -1,
+                        subject: str | None = None, prompt: str = "",
+                        negative_prompt: str = defaults["negative_prompt"], model: str = model,
+                        adapter: str = first_adapter, scale: float = defaults["scale"], transfer: str = "all",
+                        window_start: float = 0.0, window_end: float = 1.0, seed: int = 0, images: int = 1,
+                        steps: int = defaults["steps"], guidance: float = defaults["guidance"], width: int = size,
+                        height: int = size, progress: Any = gr.Progress(),  # noqa: B008
+                        ) -> tuple[Any, str, Any]:
+            """Generate images (named arguments: what gradio_client's predict(..., api_name="/generate") takes)."""
+            photos = _photos([reference_1, weight_1, reference_2, weight_2, reference_3, weight_3,
+                              negative_photos, face_index])
             request = Request(
-                prompt=text or "", negative_prompt=negative_text or "", model=model_name or model,
-                adapter=adapter_name or None, scale=float(scale_v), transfer=transfer_v,
-                window=(float(start_v), float(end_v)), seed=int(seed_v or 0), steps=int(steps_v),
-                guidance=float(guidance_v), width=int(width_v), height=int(height_v), num_images=int(count_v),
-                photos=_photos(list(photo_values)), subject_file=_path(subject_file))
+                prompt=prompt or "", negative_prompt=negative_prompt or "", model=model or engine.model,
+                adapter=adapter or None, scale=float(scale), transfer=transfer,
+                window=(float(window_start), float(window_end)), seed=int(seed or 0), steps=int(steps),
+                guidance=float(guidance), width=int(width), height=int(height), num_images=int(images),
+                photos=photos, subject_file=_path(subject))
             progress((0, request.num_images * request.steps), desc="loading", unit="steps")
             paths, summary = engine.generate(
                 request, lambda done, total: progress((done, total), desc="denoising", unit="steps"))
@@ -174,11 +186,17 @@ def build_page(engine: Engine) -> Any:
             return shown, summary, [str(path) for path in paths]
 
         @shown_errors
-        def on_save(*values: Any, progress: Any = gr.Progress()) -> tuple[str, str]:  # noqa: B008
-            *photo_values, model_name, adapter_name = values
+        def on_save(reference_1: str | None = None, weight_1: float = 1.0, reference_2: str | None = None,
+                    weight_2: float = 1.0, reference_3: str | None = None, weight_3: float = 1.0,
+                    negative_photos: list[str] | None = None, face_index: int = -1, model: str = model,
+                    adapter: str = first_adapter, progress: Any = gr.Progress(),  # noqa: B008
+                    ) -> tuple[str, str]:
+            """Encode the photos into a subject file (what api_name="/save_subject" takes)."""
+            photos = _photos([reference_1, weight_1, reference_2, weight_2, reference_3, weight_3,
+                              negative_photos, face_index])
             progress(0.0, desc="encoding")
-            path = engine.save_subject(_photos(list(photo_values)), model_name or model, adapter_name)
-            return str(path), f"subject saved for {adapter_name}: download it below, load it later"
+            path = engine.save_subject(photos, model or engine.model, adapter)
+            return str(path), f"subject saved for {adapter}: download it below, load it later"
 
         @shown_errors
         def on_faces(first: Any) -> Any:
