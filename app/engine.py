@@ -1,9 +1,9 @@
 """What the web page does, without the page: load a model, encode photos, generate and save PNGs.
 
-Everything here is plain Python (no gradio), and reuses the command line's own steps: the plan and loading
-(``make_plan``, ``load_personalizer``), the input checks (``check_references``, ``check_subject_fits``,
-``check_transfer``) and the PNG writing (``Settings.metadata``, ``save_png``), so a page's PNG carries the
-same metadata as ``lookalike generate``'s. User mistakes raise :class:`~lookalike.errors.LookalikeError`.
+Everything here is plain Python (no gradio), and calls the same library steps as the command line: the plan and
+loading (``pipeline/plan.py``, ``pipeline/loading.py``: ``make_plan``, ``load_personalizer``), the input checks
+(``check_references``, ``check_subject_fits``, ``check_transfer``) and the PNG writing (``pipeline/output.py``:
+``Settings``, ``generate_and_save``), so a page's PNG carries the same metadata as ``lookalike generate``'s. User mistakes raise :class:`~lookalike.errors.LookalikeError`.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from ..errors import LookalikeError
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
 
-    from ..pipeline.cli_plan import Plan
+    from ..pipeline.output import Settings
     from ..pipeline.personalizer import Personalizer
+    from ..pipeline.plan import Plan
     from ..pipeline.subject import Subject
 
 #: Largest generated side in pixels (the page's sliders stop here too).
@@ -78,7 +79,7 @@ def _named(exc: LookalikeError, paths: Sequence[str]) -> LookalikeError:
 
 def check_photos(paths: Sequence[str]) -> list[Path]:
     """Open and decode every uploaded photo once (the command line's check: format, pixels, size)."""
-    from ..pipeline.cli_plan import check_references
+    from ..pipeline.plan import check_references
 
     try:
         return check_references(list(paths))
@@ -138,7 +139,7 @@ class Engine:
     def adapter_choices(self, model: str | None = None) -> list[str]:
         """The adapter variants the model takes: the registry's entries of its base family (the demo: its own)."""
         from ..adapters.spec import REGISTRY
-        from ..pipeline.cli_plan import DEMO, DEMOS, _model_base, quiet_hub
+        from ..pipeline.plan import DEMO, DEMOS
 
         model = model or self.model
         if model in DEMOS:
@@ -148,13 +149,12 @@ class Engine:
                 spec = shipped_adapter_spec()
                 return [spec.short_name or spec.name]
             return ["plus", "basic"]
-        with quiet_hub():
-            base = _model_base(model)
+        base = self.base(model)
         return [s.short_name or s.name for s in REGISTRY.values() if s.base == base]
 
     def default_adapter(self, model: str | None = None) -> str:
         """The command line's default adapter for the model, if the model takes it, else its first."""
-        from ..pipeline.cli_plan import adapter_choice
+        from ..pipeline.plan import adapter_choice
 
         choices = self.adapter_choices(model)
         wanted = adapter_choice(None, None, model or self.model)
@@ -162,38 +162,34 @@ class Engine:
 
     def base(self, model: str | None = None) -> str:
         """The model's base family (sd15, sdxl), read from its config (the demo models: sd15)."""
-        from ..pipeline.cli_plan import DEMOS, _model_base, quiet_hub
+        from ..pipeline.loading import quiet_hub
+        from ..pipeline.plan import DEMOS, model_base
 
         model = model or self.model
         if model in DEMOS:
             return "sd15"
         with quiet_hub():
-            return _model_base(model)
+            return model_base(model)
 
     def default_size(self, model: str | None = None) -> int:
         """The command line's default size: the demo model's own (32), 512 for SD1.5, 1024 for SDXL."""
-        from ..pipeline.cli import DEFAULT_SIZE
-        from ..pipeline.cli_plan import DEMOS
+        from ..pipeline.output import DEFAULT_SIZE
+        from ..pipeline.plan import DEMOS
 
         model = model or self.model
         return DEMO_SIZE if model in DEMOS else DEFAULT_SIZE[self.base(model)]
 
     def defaults(self, model: str | None = None) -> dict[str, Any]:
         """The command line's defaults for the page's fields: negative prompt, scale, steps, guidance."""
-        from ..pipeline.cli import DEFAULT_GUIDANCE, DEFAULT_NEGATIVE, DEFAULT_SCALE, DEFAULT_STEPS
+        from ..pipeline.output import DEFAULT_GUIDANCE, DEFAULT_NEGATIVE, DEFAULT_SCALE, DEFAULT_STEPS
 
         return {"negative_prompt": DEFAULT_NEGATIVE, "scale": DEFAULT_SCALE, "steps": DEFAULT_STEPS,
                 "guidance": DEFAULT_GUIDANCE[self.base(model)]}
 
     def load(self, model: str, adapter: str, *, with_encoder: bool) -> tuple[Personalizer, str, Plan]:
         """The model with the adapter (kept loaded until another pair is asked for)."""
-        from ..pipeline.cli_plan import (
-            device_and_dtype,
-            load_personalizer,
-            make_plan,
-            quiet_hub,
-            quiet_libraries,
-        )
+        from ..pipeline.loading import device_and_dtype, load_personalizer, quiet_hub, quiet_libraries
+        from ..pipeline.plan import make_plan
 
         key = (model, adapter)
         if self._loaded is not None and self._loaded[0] == key:
@@ -210,7 +206,7 @@ class Engine:
     # -- subjects ----------------------------------------------------------------------------------------
     def encode(self, photos: Photos, model: str, adapter: str) -> Subject:
         """Encode the uploaded photos for the adapter (weights: see :func:`photo_weights`)."""
-        from ..pipeline.cli_plan import quiet_libraries
+        from ..pipeline.loading import quiet_libraries
 
         if not photos.references:
             raise LookalikeError("upload at least one reference photo of the subject")
@@ -235,8 +231,8 @@ class Engine:
     # -- generation --------------------------------------------------------------------------------------
     def generate(self, r: Request, on_step: StepCallback | None = None) -> tuple[list[Path], str]:
         """Generate ``r.num_images`` PNGs (seed + i each) with the command line's metadata; (paths, summary)."""
-        from ..pipeline.cli import Settings
-        from ..pipeline.cli_plan import adapter_choice, check_subject_fits, check_transfer, load_subject
+        from ..pipeline.output import Settings
+        from ..pipeline.plan import adapter_choice, check_subject_fits, check_transfer, load_subject
 
         check_request(r)
         with self._lock:
@@ -260,32 +256,14 @@ class Engine:
         return paths, (f"{len(paths)} image(s) from {source}: adapter {name}, scale {r.scale:g}, "
                        f"seed {r.seed}{f'..{r.seed + len(paths) - 1}' if len(paths) > 1 else ''}")
 
-    def _generate(self, p: Personalizer, subject: Subject, s: Any, paths: list[Path],
+    def _generate(self, p: Personalizer, subject: Subject, s: Settings, paths: list[Path],
                   on_step: StepCallback | None) -> None:
         """One image per path, each written as soon as it is done (the CLI's PNG writer and metadata)."""
-        import torch
+        from ..pipeline.loading import quiet_libraries
+        from ..pipeline.output import generate_and_save
 
-        from ..adapters.transfer import transfer_scale
-        from ..pipeline.cli_output import save_png
-        from ..pipeline.cli_plan import quiet_libraries
-
-        total, done = len(paths) * s.steps, 0
-
-        def step(pipe: Any, i: int, timestep: Any, kwargs: dict) -> dict:
-            nonlocal done
-            done += 1
-            if on_step is not None:
-                on_step(done, total)
-            return kwargs
-
-        for i, path in enumerate(paths):
-            generator = torch.Generator("cpu").manual_seed(s.seed + i)
-            with quiet_libraries():
-                result = p.generate(s.prompt, subject=subject, scale=transfer_scale(s.transfer, p.base, s.scale),
-                                    window=s.window, negative_prompt=s.negative_prompt or None,
-                                    num_inference_steps=s.steps, guidance_scale=s.guidance, height=s.height,
-                                    width=s.width, generator=generator, callback_on_step_end=step)
-            save_png(result.images[0], path, s.metadata(s.seed + i))
+        with quiet_libraries():
+            generate_and_save(p, subject, s, paths, on_step=on_step)
 
     def _run_dir(self) -> Path:
         """A fresh folder for one request's files (so downloads never change under the user)."""

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from lookalike.app.engine import Engine, Photos, Request, check_request, draw_faces, photo_weights
+from lookalike.cli import main
 from lookalike.errors import LookalikeError
-from lookalike.pipeline.cli import main
 from lookalike.pipeline.subject import file_sha256
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lookalike.pipeline import cli
+from lookalike import cli
 
 from helpers import SHARED, YUNET, tiny_arcface_pack
 

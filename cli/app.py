@@ -18,7 +18,7 @@ def _port(text: str) -> int:
 
 def add_app_parser(sub: Any) -> None:
     """The ``app`` subcommand."""
-    from ..pipeline.cli_plan import DEFAULT_MODEL
+    from ..pipeline.plan import DEFAULT_MODEL
 
     p = sub.add_parser(
         "app", help="serve a web page (Gradio) for personalization, on this machine only by default",
@@ -46,9 +46,10 @@ def add_app_parser(sub: Any) -> None:
 
 def cmd_app(args: argparse.Namespace) -> int:
     """Check the model and adapter list, then serve the page until interrupted."""
-    from ..pipeline.cli_plan import device_and_dtype, face_options
-    from .engine import Engine
-    from .page import launch
+    from ..app.engine import Engine
+    from ..app.page import launch
+    from ..pipeline.loading import device_and_dtype
+    from .checks import face_options
 
     device_and_dtype(args.model, args.device, args.dtype)  # a bad --device fails before gradio loads
     engine = Engine(args.model, device=args.device, dtype=args.dtype, faces=face_options(args))
