@@ -19,9 +19,9 @@ from lookalike.pipeline.personalizer import Personalizer
 from lookalike.pipeline.subject import Subject, file_sha256
 from lookalike.weights.io import official_state_dict, save_adapter
 
-from helpers import SHARED
+from helpers import DREAMBENCH
 
-DREAMBENCH_DOG = SHARED / "data" / "dreambench" / "dog"
+DREAMBENCH_DOG = DREAMBENCH / "dog"
 FAST = ["--model", "tiny-random", "--steps", "2"]
 
 
@@ -32,18 +32,12 @@ def _no_debug(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def photos(tmp_path: Path) -> list[Path]:
-    """Two subject photos: DreamBench's dog when the shared data is there, else two images drawn in code."""
+def photos() -> list[Path]:
+    """Two photos of DreamBench's dog (../shared's, or the copy shipped in tests/data): never in ``tmp_path``,
+    so a test may expect its own folder to hold only what it wrote."""
     real = sorted(DREAMBENCH_DOG.glob("0[01].jpg"))
-    if len(real) == 2:
-        return real
-    paths = []
-    for i, colour in enumerate([(200, 40, 40), (40, 40, 200)]):
-        image = Image.new("RGB", (96, 80), colour)
-        image.paste((240, 220, 20), (20 + 10 * i, 20, 60, 60))
-        paths.append(tmp_path / f"photo{i}.png")
-        image.save(paths[-1])
-    return paths
+    assert len(real) == 2, f"DreamBench's dog photos are missing from {DREAMBENCH_DOG}"
+    return real
 
 
 def refs(photos: list[Path]) -> list[str]:

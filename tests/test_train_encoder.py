@@ -16,6 +16,7 @@ import pytest
 import torch
 from test_train_helpers import run_config, single_thread, weights, write_image, write_json_set
 
+import lookalike
 from lookalike.train_encoder import main
 from lookalike.training import loop
 from lookalike.training.data import DrawSettings
@@ -25,8 +26,6 @@ from lookalike.training.records import find_records
 from lookalike.training.step import AdapterTrainer, constants_from_models
 from lookalike.training.validation import make_validation_set, validation_loss
 from lookalike.weights.io import load_adapter
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -120,7 +119,7 @@ def test_killed_run_resumed_ends_bit_identical(tmp_path, monkeypatch):
 
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "RANK", "WORLD_SIZE"))}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT.parent), **extra)
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(Path(lookalike.__file__).parent.parent), **extra)
     return env
 
 

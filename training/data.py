@@ -189,6 +189,14 @@ class SampleStream(Dataset):
         return int(self.order(slot // n)[slot % n])
 
     def __getitem__(self, slot: int) -> dict[str, Any]:
+        """The sample of one slot; a :class:`LookalikeError` comes back as ``{"error": message}``, so a
+        DataLoader worker hands the main process one sentence rather than its traceback."""
+        try:
+            return self._sample(slot)
+        except LookalikeError as exc:
+            return {"error": str(exc)}
+
+    def _sample(self, slot: int) -> dict[str, Any]:
         sample = draw(self.seed, slot, self.settings)
         index, skipped = self.record_at(slot), []
         for attempt in range(MAX_CONSECUTIVE_SKIPS):
@@ -208,7 +216,11 @@ class SampleStream(Dataset):
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack a list of samples; token ids stay one tensor per tokenizer; skip notes are concatenated."""
+    """Stack a list of samples; token ids stay one tensor per tokenizer; skip notes are concatenated.
+    A sample that failed makes the batch ``{"error": message}``."""
+    for sample in samples:
+        if "error" in sample:
+            return {"error": sample["error"]}
     batch: dict[str, Any] = {"skipped": [s for sample in samples for s in sample["skipped"]],
                              "slot": torch.tensor([s["slot"] for s in samples])}
     for key, value in samples[0].items():
@@ -237,6 +249,14 @@ class SlotBatches(Sampler[list[int]]):
 
     def __len__(self) -> int:  # endless; DataLoader only needs a number
         return 2**62
+
+
+def next_batch(loader: Any) -> dict[str, Any]:
+    """The loader's next batch; a failed sample (in any worker) is raised here as one-sentence error."""
+    batch = next(loader)
+    if "error" in batch:
+        raise LookalikeError(batch["error"])
+    return batch
 
 
 def make_loader(stream: SampleStream, start: int, batch_size: int, rank: int, world: int,

@@ -18,10 +18,21 @@ from typing import Any
 import torch
 
 from ..adapters.spec import ENCODERS, AdapterSpec
+from ..errors import LookalikeError
+from ..fileio import FolderLock
 from .cache import CacheSource, build_cache, cache_constants, read_manifest
-from .checkpoint import EMA, TrainState, check_resumable, export_adapter, resume_folder, save_checkpoint
+from .checkpoint import (
+    EMA,
+    TrainState,
+    check_resumable,
+    export_adapter,
+    load_checkpoint,
+    remove_leftovers,
+    resume_folder,
+    save_checkpoint,
+)
 from .config import DEMO_BASES, TrainConfig
-from .data import DrawSettings, ImageSource, SampleSource, SampleStream, make_loader
+from .data import DrawSettings, ImageSource, SampleSource, SampleStream, make_loader, next_batch
 from .models import (
     Models,
     base_family,
@@ -162,13 +173,23 @@ def build_run(config: TrainConfig, accelerator: Any, models: Models | None = Non
                resolution)
 
 
+def _cached_latent_shape(source: SampleSource) -> tuple[int, ...]:
+    """The latent shape of the first readable cached row."""
+    for i in range(min(len(source), 64)):
+        try:
+            return tuple(source.load(i, torch.zeros(2))["latent_mean"].shape)
+        except SkipSample:
+            continue
+    raise LookalikeError("the cache's first rows are unreadable (NaN or Inf); delete the cache and build it again")
+
+
 def draw_settings(run: Run) -> DrawSettings:
     c = run.config
     if run.models.vae is not None:
         factor = 2 ** (len(run.models.vae.config.block_out_channels) - 1)
         shape = (run.models.vae.config.latent_channels, run.resolution // factor, run.resolution // factor)
     else:
-        shape = tuple(run.train_source.load(0, torch.zeros(2))["latent_mean"].shape)
+        shape = _cached_latent_shape(run.train_source)
     return DrawSettings(shape, run.models.noise_scheduler.config.num_train_timesteps,  # type: ignore[arg-type]
                         c.drop_image, c.drop_text, c.drop_both, c.noise_offset, c.timestep_bias,
                         c.timestep_bias_portion, c.timestep_bias_multiplier)
@@ -259,8 +280,21 @@ def _reference_images(records: list[Record]) -> list[Any]:
 
 def train(config: TrainConfig, models: Models | None = None) -> TrainResult:
     """Run the training the config describes; returns what it did. ``models``: frozen models built by the
-    caller (e.g. full-size random ones in the benchmark) instead of loading ``config.base``."""
+    caller (e.g. full-size random ones in the benchmark) instead of loading ``config.base``. One run at a
+    time per ``--output``: a second is refused while the first lives."""
     accelerator = make_accelerator(config)
+    lock = FolderLock(config.output, "lookalike-train") if accelerator.is_main_process else None
+    if lock is not None:
+        lock.acquire()
+        remove_leftovers(Path(config.output))
+    try:
+        return _train(config, accelerator, models)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(config: TrainConfig, accelerator: Any, models: Models | None) -> TrainResult:
     from accelerate.utils import set_seed
 
     set_seed(config.seed)
@@ -276,13 +310,10 @@ def train(config: TrainConfig, models: Models | None = None) -> TrainResult:
     state = TrainState()
     adapter = accelerator.unwrap_model(trainer).adapter
     ema = EMA(adapter.parameters(), config.ema_decay) if config.ema_decay else None
-    for obj in (state, schedule, ema):
-        if obj is not None:
-            accelerator.register_for_checkpointing(obj)
     folder = resume_folder(config)
     if folder is not None:
         check_resumable(folder, config)
-        accelerator.load_state(str(folder))
+        load_checkpoint(folder, accelerator, trainer, optimizer, schedule, state, ema)
         log.info("resumed from %s at step %d", folder, state.step)
     try:
         return _loop(run, trainer, optimizer, schedule, ema, state)
@@ -316,7 +347,7 @@ def _step(run: Run, trainer: Any, optimizer: Any, loader: Any, state: TrainState
     acc, c = run.accelerator, run.config
     losses = []
     for _ in range(c.grad_accum):
-        batch = next(loader)
+        batch = next_batch(loader)
         _note_skips(batch.pop("skipped"), skips, seen)
         losses.append(_micro_step(run, trainer, optimizer, batch))
         state.consumed += c.batch_size * acc.num_processes
@@ -340,23 +371,25 @@ def _loop(run: Run, trainer: Any, optimizer: Any, schedule: Any, ema: EMA | None
     adapter = acc.unwrap_model(trainer).adapter
     info = {"base": c.base, "data": c.data, "seed": c.seed, "variant": run.spec.name}
     result, skips, seen, progress = TrainResult(steps=state.step), Counter(), set(), _Progress(acc, c, state)
-    while state.step < c.steps:
-        began, began_cpu = time.perf_counter(), time.process_time()
-        loss = _step(run, trainer, optimizer, loader, state, skips, seen)
-        schedule.step()
-        if ema is not None:
-            ema.update(adapter.parameters())
-        result.losses.append(loss)
-        result.seconds.append(time.perf_counter() - began)
-        result.cpu_seconds.append(time.process_time() - began_cpu)
-        progress.update(state, loss, schedule.get_last_lr()[0], sum(state.skipped.values()) + sum(skips.values()))
-        last = state.step == c.steps
-        if last or (c.checkpoint_every and state.step % c.checkpoint_every == 0):
-            _sum_skips(acc, state, skips)
-            save_checkpoint(acc, c, state, adapter, ema, info)
-        if vset is not None and (last or state.step % c.validate_every == 0):
-            _validate(run, trainer, vset, state, result)
-    progress.bar.close()
+    try:
+        while state.step < c.steps:
+            began, began_cpu = time.perf_counter(), time.process_time()
+            loss = _step(run, trainer, optimizer, loader, state, skips, seen)
+            schedule.step()
+            if ema is not None:
+                ema.update(adapter.parameters())
+            result.losses.append(loss)
+            result.seconds.append(time.perf_counter() - began)
+            result.cpu_seconds.append(time.process_time() - began_cpu)
+            progress.update(state, loss, schedule.get_last_lr()[0], sum(state.skipped.values()) + sum(skips.values()))
+            last = state.step == c.steps
+            if last or (c.checkpoint_every and state.step % c.checkpoint_every == 0):
+                _sum_skips(acc, state, skips)
+                save_checkpoint(acc, c, state, trainer, optimizer, schedule, ema, info)
+            if vset is not None and (last or state.step % c.validate_every == 0):
+                _validate(run, trainer, vset, state, result)
+    finally:
+        progress.bar.close()  # ends its line, so an error prints on a line of its own
     return _finish(run, adapter, ema, state, result, info)
 
 
