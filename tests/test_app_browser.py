@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import lookalike
 from lookalike.encoders.prepare import load_reference
 from lookalike.errors import LookalikeError
 from lookalike.pipeline.subject import Subject, file_sha256
@@ -37,7 +38,7 @@ pytestmark = [
 ]
 
 STEPS = "3"
-WAIT_MS = 60_000
+WAIT_MS = 120_000  # generous: CI machines are shared; a visit takes ~25 s on two idle cores
 
 
 def _free_port() -> int:
@@ -60,7 +61,9 @@ def app_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``python -m lookalike app --model demo`` on a free 127.0.0.1 port, stopped after the tests."""
     tmp_path = tmp_path_factory.mktemp("app")
     port = _free_port()
-    env = dict(os.environ, GRADIO_TEMP_DIR=str(tmp_path / "gradio"), TMPDIR=str(tmp_path))
+    package_parent = str(Path(lookalike.__file__).parent.parent)  # the package under test (symbolic links kept)
+    env = dict(os.environ, GRADIO_TEMP_DIR=str(tmp_path / "gradio"), TMPDIR=str(tmp_path),
+               PYTHONPATH=os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")])))
     log = (tmp_path / "app.log").open("w")
     server = subprocess.Popen([sys.executable, "-m", "lookalike", "app", "--model", "demo", "--port", str(port)],
                               stdout=log, stderr=subprocess.STDOUT, env=env)
