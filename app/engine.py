@@ -282,7 +282,11 @@ class Engine:
         image = load_reference(path)
         detector = build_detector(**{k: v for k, v in self.faces.items()
                                      if k in ("model_dir", "detector", "yunet_model")})
-        return draw_faces(image, [face.bbox for face in find_faces(detector, image)])
+        found = find_faces(detector, image)
+        if not found:
+            raise LookalikeError(f"no face found in {Path(photo).name}; FaceID adapters need a photo where the face "
+                                 f"is clearly visible")
+        return draw_faces(image, [face.bbox for face in found])
 
 
 def draw_faces(image: Image.Image, boxes: Sequence[Sequence[float]]) -> Image.Image:
