@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lookalike.pipeline import cli
+from lookalike import cli
 from lookalike.pipeline.demo import DEMO_NOTE, DEMO_TRAINED, demo_adapter, demo_personalizer
 from lookalike.pipeline.personalizer import Personalizer
 from lookalike.pipeline.subject import Subject, file_sha256
@@ -78,13 +78,13 @@ def run_python(args: list[str], tmp_path: Path, **env: str) -> subprocess.Comple
 def test_help_of_every_command_imports_no_torch_diffusers_or_transformers(tmp_path):
     code = (
         "import sys, contextlib, io\n"
-        "from lookalike.pipeline import cli\n"
+        "from lookalike import cli\n"
         "for argv in (['--help'], ['generate', '--help'], ['encode', '--help'], ['info', '--help'],"
-        " ['download', '--help']):\n"
+        " ['download', '--help'], ['app', '--help']):\n"
         "    with contextlib.redirect_stdout(io.StringIO()) as out:\n"
         "        assert cli.main(argv) == 0, argv\n"
         "    assert 'usage: lookalike' in out.getvalue(), argv\n"
-        "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'PIL') if m in sys.modules]\n"
+        "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'PIL', 'gradio') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
     result = run_python(["-c", code], tmp_path)
@@ -326,7 +326,7 @@ def _corrupt_subject(tmp_path: Path) -> str:
 ])
 def test_user_errors_exit_2_with_one_error_line_before_loading_any_model(tmp_path, photos, capsys, monkeypatch,
                                                                           case, words):
-    monkeypatch.setattr(cli, "load_personalizer", _must_not_load)
+    monkeypatch.setattr("lookalike.cli.generate.load_personalizer", _must_not_load)
     out = str(tmp_path / "x.png")
     argv = {
         "missing reference": ["--reference", str(tmp_path / "no-such-photo.jpg"), "--out", out],

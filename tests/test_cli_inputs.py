@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lookalike.pipeline import cli
+from lookalike import cli
 
 from helpers import DREAMBENCH, YUNET, tiny_arcface_pack
 

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from lookalike.cli.eval import add_eval_parser
 from lookalike.errors import LookalikeError
-from lookalike.evaluation.cli import add_eval_parser
 from lookalike.evaluation.demo import demo_clip_scorer, demo_dino_scorer, tiny_clip_model, tiny_dino_model
 from lookalike.evaluation.run import evaluate, plan_items
 from lookalike.evaluation.scorers import Scorers

@@ -15,13 +15,13 @@ from PIL import Image
 from test_eval_run import FakePersonalizer, subject_dir
 from test_train_helpers import run_config, single_thread, write_image, write_json_set
 
+from lookalike.cli import main as lookalike_main
 from lookalike.errors import LookalikeError
 from lookalike.evaluation.demo import demo_clip_scorer
 from lookalike.evaluation.run import evaluate
 from lookalike.evaluation.scorers import Scorers
 from lookalike.evaluation.store import read_records
 from lookalike.fileio import inside, safe_name
-from lookalike.pipeline.cli import main as lookalike_main
 
 from helpers import one_error
 

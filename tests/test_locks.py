@@ -14,9 +14,9 @@ import pytest
 from test_train_helpers import write_json_set
 
 import lookalike
+from lookalike.cli import main as lookalike_main
 from lookalike.errors import LookalikeError
 from lookalike.fileio import FolderLock, write_atomic
-from lookalike.pipeline.cli import main as lookalike_main
 from lookalike.train_encoder import main as train_main
 
 from helpers import one_error

@@ -232,7 +232,7 @@ def test_a_variant_for_another_base_is_refused_with_one_sentence(tmp_path, capsy
 
 
 def test_lookalike_info_names_the_exported_adapter(tmp_path, capsys):
-    cli = pytest.importorskip("lookalike.pipeline.cli")
+    cli = pytest.importorskip("lookalike.cli")
     data = write_json_set(tmp_path / "data", 2)
     result = train(run_config(tmp_path, data, steps=1))
     capsys.readouterr()

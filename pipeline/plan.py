@@ -1,28 +1,21 @@
-"""What the ``lookalike`` command checks and resolves before loading anything, and how it loads models.
+"""What to load, resolved before anything loads: the model's family, the adapter's file and spec, and checks.
 
-Inputs are checked first (output path, references, subject, adapter name) so errors come fast; then the
-model family, adapter checkpoint and encoders are resolved (downloaded if needed); then models load.
-torch and the model libraries are imported inside functions only.
+Inputs are checked first (references, subject, adapter name) so errors come fast; then the model family,
+adapter checkpoint and encoders are resolved (downloaded if needed). The command line and the web page both
+call these. torch and the model libraries are imported inside functions only.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import sys
-import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..errors import CheckpointMismatchError, LookalikeError, MissingFileError
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
-
     from ..adapters.spec import AdapterSpec
     from .personalizer import Personalizer
     from .subject import Subject
@@ -33,36 +26,9 @@ DEMO = "demo"
 #: The demo's architecture with random (seeded) weights built in code: for tests and smoke runs.
 RANDOM_DEMO = "tiny-random"
 DEMOS = (DEMO, RANDOM_DEMO)
-DEBUG_ENV = "LOOKALIKE_DEBUG"
 PATH_PREFIXES = ("./", "../", "/", "~", ".\\", "..\\")
 
-
-def debug() -> bool:
-    """Whether LOOKALIKE_DEBUG asks for tracebacks and library warnings."""
-    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
-
-
 # -- checks made before anything is loaded -----------------------------------------------------------------
-
-
-def check_output(text: str, suffix: str, what: str) -> Path:
-    """The output path, checked: the right suffix, not a folder, inside a folder that can be written."""
-    path = Path(text).expanduser()
-    if path.suffix.lower() != suffix:
-        raise LookalikeError(f"--out {text} must end in {suffix} ({what}); rename it, e.g. {path.stem}{suffix}")
-    if path.is_dir():
-        raise LookalikeError(f"--out {text} is a folder; give a file name inside it, e.g. {path / ('out' + suffix)}")
-    folder = path.parent.absolute()
-    existing = next(p for p in (folder, *folder.parents) if p.exists())
-    if not existing.is_dir():
-        raise LookalikeError(f"cannot write {text}: {existing} is a file, not a folder; pick another --out")
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as exc:
-        raise LookalikeError(f"cannot write {text}: the folder {existing} is not writable ({exc.strerror}); "
-                             f"pick another --out") from None
-    return path
 
 
 def check_references(references: Sequence[str]) -> list[Path]:
@@ -73,22 +39,6 @@ def check_references(references: Sequence[str]) -> list[Path]:
     for path in paths:
         load_reference(path)
     return paths
-
-
-def check_combination(args: argparse.Namespace, count: int) -> None:
-    """--combine, --reference-weight and --negative-reference fit the --reference photos (before any model
-    loads)."""
-    from .encode import resolve_combine
-
-    if count == 0:
-        given = [flag for flag, value in (("--reference-weight", args.reference_weights), ("--combine", args.combine),
-                                          ("--negative-reference", args.negative_references)) if value]
-        if given:
-            flag = given[0]
-            raise LookalikeError(f"{flag} applies to --reference photos, and a --subject file is already encoded: "
-                                 f"give {flag} to `lookalike encode` when making the subject")
-        return
-    resolve_combine(args.combine, args.reference_weights, count)
 
 
 def check_transfer(p: Personalizer, transfer: str) -> None:
@@ -178,7 +128,7 @@ def make_plan(model: str, adapter: str, *, with_encoder: bool, base: str | None 
     from ..weights.hub import resolve_adapter_source
     from ..weights.io import detect_spec, read_checkpoint
 
-    base = base or _model_base(model)
+    base = base or model_base(model)
     path, spec = resolve_adapter_source(adapter, base=base)  # type: ignore[arg-type]
     if spec is None:
         spec = detect_spec(*read_checkpoint(path), str(path))
@@ -207,7 +157,7 @@ def encode_plan(model: str, adapter: str) -> Plan:
     short = any(s.short_name == adapter for s in REGISTRY.values())
     if model in DEMOS or not (adapter in REGISTRY or short):
         return make_plan(model, adapter, with_encoder=True, base=_encode_base(model, adapter))
-    spec = get_spec(adapter, _encode_base(model, adapter) or _model_base(model))  # type: ignore[arg-type]
+    spec = get_spec(adapter, _encode_base(model, adapter) or model_base(model))  # type: ignore[arg-type]
     _fetch_encoders(spec)
     return Plan(model, spec.base, False, spec, None)
 
@@ -245,7 +195,7 @@ def _encode_base(model: str, adapter: str) -> str | None:
     return "sd15" if model == DEFAULT_MODEL else None
 
 
-def _model_base(model: str) -> str:
+def model_base(model: str) -> str:
     """sd15 or sdxl, from the model's unet/config.json (a local folder, or the cache / hub: one small file)."""
     local = Path(model).expanduser()
     if local.is_dir():
@@ -304,133 +254,3 @@ def _hub_unet_config(model: str) -> Path:
                              f"text-to-image pipeline; pass an SD1.5 or SDXL pipeline") from exc
     except (HfHubHTTPError, OSError) as exc:
         raise MissingFileError(f"cannot fetch the model {model} ({str(exc).splitlines()[0]}); {fetch}") from exc
-
-
-# -- loading -----------------------------------------------------------------------------------------------
-
-
-def device_and_dtype(model: str, device: str | None, dtype: str | None
-                      ) -> tuple[torch.device | None, torch.dtype | None]:
-    """--device and --dtype with their defaults: cuda + float16 when available, else cpu + float32 (demo: None)."""
-    import torch
-
-    if model in DEMOS:
-        return None, None
-
-    try:
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as exc:
-        raise LookalikeError(f"unknown --device {device!r}; use cuda, cuda:N, mps or cpu") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise LookalikeError(f"--device {device} was asked for but torch sees no CUDA GPU; use --device cpu")
-    name = dtype or ("float16" if dev.type == "cuda" else "float32")
-    return dev, getattr(torch, name)
-
-
-@contextmanager
-def quiet_hub() -> Iterator[None]:
-    """Silence huggingface_hub's retry warnings (kept with LOOKALIKE_DEBUG=1): a failure is one sentence."""
-    if debug():
-        yield
-        return
-    from huggingface_hub.utils import logging as hub_logging
-
-    level = hub_logging.get_verbosity()
-    hub_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hub_logging.set_verbosity(level)
-
-
-def _stderr_is_terminal() -> bool:
-    """Whether stderr is a terminal (progress bars are shown only there)."""
-    return bool(getattr(sys.stderr, "isatty", lambda: False)())
-
-
-@contextmanager
-def quiet_libraries() -> Iterator[None]:
-    """Silence diffusers' and transformers' warnings, and their loading bars off a terminal (LOOKALIKE_DEBUG keeps them)."""
-    if debug():
-        yield
-        return
-    import warnings
-
-    from diffusers.utils import logging as dl
-    from huggingface_hub import utils as hub_utils
-    from transformers.utils import logging as tl
-
-    saved = (dl.get_verbosity(), tl.get_verbosity(), dl.is_progress_bar_enabled(), tl.is_progress_bar_enabled(),
-             hub_utils.are_progress_bars_disabled())
-    dl.set_verbosity_error()
-    tl.set_verbosity_error()
-    if not _stderr_is_terminal():
-        dl.disable_progress_bar()
-        tl.disable_progress_bar()  # and huggingface_hub's
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        try:
-            yield
-        finally:
-            warnings.simplefilter("ignore", UserWarning)  # HF_HUB_DISABLE_PROGRESS_BARS refusing a change
-            dl.set_verbosity(saved[0])
-            tl.set_verbosity(saved[1])
-            if saved[2]:
-                dl.enable_progress_bar()
-            if saved[3]:
-                tl.enable_progress_bar()
-            if saved[4]:
-                hub_utils.disable_progress_bars()
-
-
-def face_options(args: argparse.Namespace) -> dict[str, Any]:
-    """FaceEncoder.from_folder arguments from --face-models, --face-detector and --yunet-model."""
-    options: dict[str, Any] = {}
-    if getattr(args, "face_models", None):
-        options["model_dir"] = args.face_models
-    if getattr(args, "face_detector", None):
-        options["detector"] = args.face_detector
-    if getattr(args, "yunet_model", None):
-        options["yunet_model"] = args.yunet_model
-    return options
-
-
-def load_personalizer(plan: Plan, device: torch.device | None, dtype: torch.dtype | None,
-                      faces: dict[str, Any] | None = None) -> tuple[Personalizer, str]:
-    """The model with the adapter loaded (the demo: on the cpu in float32); returns it and the adapter's name."""
-    if plan.demo:
-        from .demo import DEMO_TRAINED, demo_personalizer, trained_demo_personalizer
-
-        if DEMO_TRAINED and plan.model == DEMO:
-            p = trained_demo_personalizer(adapter=plan.checkpoint is None)
-        else:
-            p = demo_personalizer(plan.spec.name if plan.checkpoint is None else None)
-        p.encoders.face_options = dict(faces or {})
-        if plan.checkpoint is None:
-            return p, p.adapters[0].name
-        return p, p.load_adapter(plan.checkpoint, spec=plan.spec)
-    from .personalizer import Personalizer
-
-    assert plan.checkpoint is not None and device is not None and dtype is not None
-    p = Personalizer.from_pretrained(plan.model, dtype=dtype, device=device)
-    p.encoders.face_options = dict(faces or {})
-    return p, p.load_adapter(plan.checkpoint, spec=plan.spec)
-
-
-def encode_references(plan: Plan, references: list[Path], args: argparse.Namespace,
-                       device: torch.device | None, dtype: torch.dtype | None) -> Subject:
-    """Run only the image encoder(s) the adapter needs (the text-to-image model is not loaded)."""
-    if plan.demo:
-        p, name = load_personalizer(plan, None, None, face_options(args))
-        return p.encode(references, adapter=name, combine=args.combine, crop=args.crop, face_index=args.face_index,
-                        weights=args.reference_weights, negative_images=args.negative_references)
-    import torch
-
-    from .encode import EncoderSet, encode_subject
-
-    assert device is not None and dtype is not None
-    with torch.no_grad():
-        return encode_subject(EncoderSet(device, dtype, face_options(args)), plan.spec, references,
-                              combine=args.combine, crop=args.crop, face_index=args.face_index,
-                              weights=args.reference_weights, negative_images=args.negative_references)
