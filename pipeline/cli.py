@@ -25,6 +25,7 @@ from .cli_plan import (
     DEBUG_ENV,
     DEFAULT_ADAPTER,
     DEFAULT_MODEL,
+    DEMOS,
     adapter_choice,
     check_combination,
     check_output,
@@ -100,14 +101,17 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def _adapter_help(with_subject: bool) -> str:
-    """The --adapter help text, listing the registry's short names (the registry imports no torch)."""
+    """The --adapter help text, listing the registry's short names and what the demo presets take (from the
+    same source as their checks; neither imports torch)."""
     from ..adapters.spec import REGISTRY
+    from .demo_files import demo_adapters
 
     shorts = ", ".join(sorted({s.short_name for s in REGISTRY.values() if s.short_name}))
     default = f"{DEFAULT_ADAPTER}; with --subject: the subject's adapter" if with_subject else DEFAULT_ADAPTER
+    demos = "; ".join(f"--model {m} offers {', '.join(demo_adapters(m))}" for m in DEMOS)
     return (f"adapter variant: a short name ({shorts}), a full registry name (see `lookalike download "
-            f"--help`), a local .safetensors/.bin checkpoint, or org/repo/path/file on the hub "
-            f"(default: {default}; --model demo offers plus and basic)")
+            f"--help`), a local .safetensors/.bin checkpoint, NAME=FILE (a checkpoint whose variant its shapes "
+            f"do not settle), or org/repo/path/file on the hub (default: {default}; {demos})")
 
 
 def _add_model_options(parser: argparse.ArgumentParser, with_subject: bool) -> None:
@@ -416,7 +420,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     """``lookalike info``: describe a checkpoint file, hub file or registry entry."""
     from ..adapters.spec import REGISTRY, get_spec
     from ..weights.hub import resolve_adapter_source
-    from ..weights.io import SPEC_KEY, detect_spec, read_checkpoint
+    from ..weights.io import SPEC_KEY, checkpoint_problems, detect_spec, read_checkpoint
 
     source = args.checkpoint
     registry = source in REGISTRY or any(s.short_name == source for s in REGISTRY.values())
@@ -431,6 +435,11 @@ def cmd_info(args: argparse.Namespace) -> int:
         return 0
     sd, metadata = read_checkpoint(path)
     spec = detect_spec(sd, metadata, str(path))
+    problems = checkpoint_problems(spec, sd)
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise LookalikeError(f"{path} is not a complete {spec.name} checkpoint: {'; '.join(problems[:3])}{more}; "
+                             f"the file is damaged or incomplete: re-download or re-create it")
     _print_info(spec, path, sd, "the file's metadata" if SPEC_KEY in metadata else "the tensor shapes")
     return 0
 

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from ..errors import LookalikeError
 
+#: The metadata key holding an adapter's spec as JSON.
+SPEC_KEY = "lookalike.spec"
 #: Bytes per element of every dtype safetensors writes.
 DTYPE_SIZES: dict[str, int] = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,

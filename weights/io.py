@@ -24,9 +24,8 @@ from ..adapters.projectors import build_projector
 from ..adapters.spec import REGISTRY, AdapterSpec, Base
 from ..errors import CheckpointMismatchError, LookalikeError, UnsafeCheckpointError
 from ..fileio import write_atomic
-from .header import GiB, read_header
+from .header import SPEC_KEY, GiB, read_header
 
-SPEC_KEY = "lookalike.spec"
 SECTIONS = ("image_proj", "ip_adapter")
 StateDict = dict[str, torch.Tensor]
 
