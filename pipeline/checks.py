@@ -12,6 +12,8 @@ from ..errors import LookalikeError
 MAX_SIDE = 4096
 #: torch.Generator.manual_seed takes seeds up to 2**64 - 1.
 MAX_SEED = 2**64 - 1
+#: Most denoising steps (the schedulers' 1000 training timesteps).
+MAX_STEPS = 1000
 
 
 def check_size(width: int, height: int) -> None:

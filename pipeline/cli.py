@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from ..errors import LookalikeError, MissingFileError
+from .checks import MAX_SEED, MAX_SIDE, MAX_STEPS, check_seeds, check_size
 from .cli_output import grid_path, make_grid, output_paths, save_png
 from .cli_plan import (
     DEBUG_ENV,
@@ -72,8 +73,9 @@ def _number(cast: Callable[[str], Any], low: float, high: float = math.inf) -> C
             value = cast(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' * (cast is int)}number") from None
-        if not (math.isfinite(value) and low <= value <= high):
-            limit = f"between {low:g} and {high:g}" if math.isfinite(high) else f"at least {low:g}"
+        if not (low <= value <= high) or (isinstance(value, float) and not math.isfinite(value)):
+            lo, hi = (f"{v:g}" if isinstance(v, float) else str(v) for v in (low, high))
+            limit = f"between {lo} and {hi}" if math.isfinite(high) else f"at least {lo}"
             raise argparse.ArgumentTypeError(f"{text} must be {limit}")
         return value
 
@@ -81,7 +83,9 @@ def _number(cast: Callable[[str], Any], low: float, high: float = math.inf) -> C
 
 
 _positive_int = _number(int, 1)
+_steps = _number(int, 1, MAX_STEPS)
 _non_negative_int = _number(int, 0)
+_seed = _number(int, 0, MAX_SEED)
 _non_negative_float = _number(float, 0.0)
 _fraction = _number(float, 0.0, 1.0)
 
@@ -92,8 +96,10 @@ def _size(text: str) -> tuple[int, int]:
     if len(parts) not in (1, 2) or not all(p.strip().isdigit() for p in parts):
         raise argparse.ArgumentTypeError(f"{text!r} is not a size; use N (square) or WIDTHxHEIGHT, e.g. 768x512")
     width, height = int(parts[0]), int(parts[-1])
-    if width < 8 or height < 8 or width % 8 or height % 8:
-        raise argparse.ArgumentTypeError(f"{text!r}: width and height must be positive multiples of 8")
+    try:
+        check_size(width, height)
+    except LookalikeError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
     return width, height
 
 
@@ -186,9 +192,10 @@ def _add_generate(sub: Any) -> None:
     g.add_argument("--window", nargs=2, type=_fraction, default=None, metavar=("START", "END"),
                    help="the part of the schedule where the subject acts, as fractions, e.g. 0 0.8 "
                         "(default: 0 1, the whole schedule)")
-    g.add_argument("--seed", type=_non_negative_int, default=0, help="random seed of the first image (default: 0)")
-    g.add_argument("--steps", type=_positive_int, default=DEFAULT_STEPS,
-                   help=f"denoising steps (default: {DEFAULT_STEPS})")
+    g.add_argument("--seed", type=_seed, default=0,
+                   help=f"random seed of the first image, 0 to {MAX_SEED} (default: 0)")
+    g.add_argument("--steps", type=_steps, default=DEFAULT_STEPS,
+                   help=f"denoising steps, 1 to {MAX_STEPS} (default: {DEFAULT_STEPS})")
     g.add_argument("--num-images", type=_positive_int, default=1, metavar="N",
                    help="how many images to generate (default: 1)")
     g.add_argument("--guidance", type=_non_negative_float, default=None, metavar="CFG",
@@ -196,7 +203,8 @@ def _add_generate(sub: Any) -> None:
     g.add_argument("--negative-prompt", default=DEFAULT_NEGATIVE, metavar="TEXT",
                    help=f"what to avoid (default: '{DEFAULT_NEGATIVE}'; '' for none)")
     g.add_argument("--size", type=_size, default=None, metavar="N|WxH",
-                   help="image size in pixels, multiples of 8 (default: 512 for SD1.5, 1024 for SDXL, the demo model's own size)")
+                   help=f"image size in pixels, multiples of 8, at most {MAX_SIDE} a side (default: 512 for SD1.5, "
+                        f"1024 for SDXL, the demo model's own size)")
     p.set_defaults(run=cmd_generate)
 
 
@@ -321,6 +329,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for path in paths:
         if path.is_dir():
             raise LookalikeError(f"cannot write {path}: it is a folder; pick another --out")
+    check_seeds(args.seed, args.num_images)
     window = tuple(args.window) if args.window else (0.0, 1.0)
     if window[0] >= window[1]:
         raise LookalikeError(f"--window {window[0]} {window[1]}: START must be below END, e.g. --window 0 0.8")
@@ -523,7 +532,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return _fail("interrupted; every output file written so far is complete", 130)
     except Exception as exc:
-        if type(exc).__name__ == "OutOfMemoryError":
+        if type(exc).__name__ == "OutOfMemoryError" or isinstance(exc, MemoryError) or (
+                isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)):
             return _fail(f"the device ran out of memory ({_one_line(str(exc))[:120]}); lower --size or "
                          f"--num-images, use --dtype float16, or --device cpu", 2)
         detail = _one_line(str(exc))[:300] or "no message"
