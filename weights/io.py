@@ -47,9 +47,13 @@ def _flatten(nested: Mapping, path: Path) -> StateDict:
     return flat
 
 
-def check_finite(tensors: Mapping[str, torch.Tensor], what: str) -> None:
-    """Refuse NaN or Inf in floating tensors, naming the first such tensor (they become black images)."""
+def check_finite(tensors: Mapping[str, torch.Tensor], what: str, floating: bool = False) -> None:
+    """Refuse NaN or Inf in floating tensors, naming the first such tensor (they become black images);
+    with ``floating``, refuse tensors of other dtypes too (adapter weights are floats)."""
     for key, t in tensors.items():
+        if floating and not t.is_floating_point():
+            raise LookalikeError(f"{what}: tensor {key!r} is {str(t.dtype).removeprefix('torch.')}, but adapter "
+                                 f"weights are floating-point numbers; the file is not an adapter checkpoint")
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             kind = "NaN" if bool(torch.isnan(t).any()) else "infinite"
             raise LookalikeError(f"{what}: tensor {key!r} holds {kind} values, which would give black images; "
@@ -111,6 +115,7 @@ def read_checkpoint(path: str | os.PathLike, max_bytes: int = 8 * GiB) -> tuple[
         raise LookalikeError(f"no such checkpoint file: {path}")
     if path.suffix == ".safetensors":
         tensors, metadata = read_safetensors(path, max_bytes=max_bytes)
+        check_finite(tensors, str(path), floating=True)
         return _flatten(tensors, path), metadata
     if path.stat().st_size > max_bytes:
         raise LookalikeError(f"refused to load {path}: it is {path.stat().st_size:,} bytes, above the limit of "
@@ -130,7 +135,7 @@ def read_checkpoint(path: str | os.PathLike, max_bytes: int = 8 * GiB) -> tuple[
     if not isinstance(loaded, Mapping):
         raise LookalikeError(f"{path} does not hold a dict of tensors; it is not an adapter checkpoint")
     flat = _flatten(loaded, path)
-    check_finite(flat, str(path))
+    check_finite(flat, str(path), floating=True)
     return flat, {}
 
 
