@@ -91,13 +91,28 @@ def downsample_mask(mask: torch.Tensor, num_queries: int) -> torch.Tensor:
     return small.unsqueeze(-1)  # (1, Q, 1)
 
 
+def in_window(span: tuple[float, float], window: tuple[float, float]) -> bool:
+    """Whether a step covering ``span`` of the schedule acts in ``window``: diffusers' ``control_guidance_start/end``
+    rule.
+
+    Step ``i`` of ``n`` (span ``(i/n, (i+1)/n)``) is kept unless ``i/n < start`` or ``(i+1)/n > end`` (the ControlNet
+    pipelines' ``controlnet_keep``): with 30 steps and ``end=0.75`` steps 0..21 act. A point span (no scheduler
+    timesteps known) ``p`` is kept for ``start <= p < end``.
+    """
+    start, end = window
+    lo, hi = span
+    if lo == hi:
+        return start <= lo < end
+    return not (lo < start or hi > end)
+
+
 @dataclass
 class AdapterInput:
     """One adapter's conditioning for one generation.
 
     ``tokens``/``negative``: projected image tokens ``(B, I, T, C)`` for the conditional and unconditional
     halves. ``window``: the part of the schedule ``(start, end)`` where the adapter acts (diffusers'
-    ``control_guidance_start/end`` rounding, :meth:`AdapterHandle.in_window`).
+    ``control_guidance_start/end`` rounding, :func:`in_window`).
     ``masks``: ``(1 or B, I, H, W)`` regions in [0, 1], one per image, as ``IPAdapterMaskProcessor`` gives.
     """
 
@@ -254,20 +269,7 @@ class AdapterHandle:
         if not layer.is_cross or not self._terms:
             return []
         return [t for t in self._terms
-                if t is not None and not t.is_silent(layer.index) and self.in_window(t.input.window)]
-
-    def in_window(self, window: tuple[float, float]) -> bool:
-        """Whether the current step lies in ``window``, by diffusers' ``control_guidance_start/end`` rule.
-
-        Step ``i`` of ``n`` is kept unless ``i/n < start`` or ``(i+1)/n > end`` (the ControlNet pipelines'
-        ``controlnet_keep``): with 30 steps and ``end=0.75`` steps 0..21 act. Without the scheduler's
-        timesteps the step is a point ``1 - t/T`` kept for ``start <= p < end``.
-        """
-        start, end = window
-        lo, hi = self._span
-        if lo == hi:
-            return start <= lo < end
-        return not (lo < start or hi > end)
+                if t is not None and not t.is_silent(layer.index) and in_window(self._span, t.input.window)]
 
     def loras_at(self, index: int) -> list:
         """(scale, IPLayer) pairs of adapters whose LoRA acts on attention layer ``index``."""

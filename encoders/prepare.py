@@ -134,7 +134,7 @@ def decode_bytes(image: Image.Image) -> int:
     mode = image.mode
     stored = 1 if mode in {"1", "L", "P"} else 2 if mode.startswith("I;16") else 4
     if mode == "RGB":
-        convert = 0
+        convert = 2  # no conversion; a margin for the allocator
     elif mode in _HIGH_DEPTH_MODES:
         convert = 14
     elif mode in _ALPHA_MODES or "transparency" in image.info:
