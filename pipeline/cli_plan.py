@@ -247,10 +247,10 @@ def _demo_plan(adapter: str, model: str = DEMO, variant: str | None = None) -> P
     if local.is_file():
         spec = get_spec(variant, "sd15") if variant else detect_spec(*read_checkpoint(local), str(local))
         return Plan(model, "sd15", True, spec, local)
-    spec = get_spec(adapter, "sd15")
     from .demo_files import DEMO_TRAINED, check_demo_adapter, shipped_adapter_spec
 
-    check_demo_adapter(model, spec)
+    check_demo_adapter(model, adapter)
+    spec = get_spec(adapter, "sd15")
     if DEMO_TRAINED and model == DEMO:
         return Plan(model, "sd15", True, shipped_adapter_spec(), None)
     return Plan(model, "sd15", True, spec, None)

@@ -48,8 +48,8 @@ def demo_clip_encoder(seed: int = 0) -> Any:
 
 def demo_spec(name: str) -> AdapterSpec:
     """A registry variant (basic or plus) sized for the demo UNet and encoder."""
+    check_demo_adapter("tiny-random", name)
     spec = get_spec(name, "sd15")
-    check_demo_adapter("tiny-random", spec)
     if spec.projector == "linear":
         return spec.with_(embed_dim=DEMO_CLIP["projection_dim"], cross_attention_dim=32)
     if spec.projector == "resampler":

@@ -40,9 +40,12 @@ def demo_adapters(model: str) -> tuple[str, ...]:
                         if s.base == "sd15" and s.short_name and s.projector in RANDOM_DEMO_PROJECTORS))
 
 
-def check_demo_adapter(model: str, spec: AdapterSpec) -> None:
-    """Refuse a registry adapter the demo preset ``model`` does not offer, naming those it does."""
+def check_demo_adapter(model: str, name: str) -> None:
+    """Refuse a registry adapter (short or full name) the demo preset ``model`` does not offer, naming those it
+    does."""
     offered = demo_adapters(model)
-    if (spec.short_name or spec.name) not in offered or spec.base != "sd15":
-        raise LookalikeError(f"--model {model} offers the {', '.join(offered)} adapter(s), not "
-                             f"{spec.short_name or spec.name!r}; use --adapter {offered[0]} with --model {model}")
+    spec = REGISTRY.get(name)
+    short = (spec.short_name or name) if spec is not None and spec.base == "sd15" else name
+    if short not in offered:
+        raise LookalikeError(f"--model {model} offers the {', '.join(offered)} adapter(s), not {name!r}; use "
+                             f"--adapter {offered[0]} with --model {model}")
