@@ -429,7 +429,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     """``lookalike info``: describe a checkpoint file, hub file or registry entry."""
     from ..adapters.spec import REGISTRY, get_spec
     from ..weights.hub import resolve_adapter_source
-    from ..weights.io import SPEC_KEY, checkpoint_problems, detect_spec, read_checkpoint
+    from ..weights.io import SPEC_KEY, detect_spec, read_checkpoint
+    from ..weights.problems import checkpoint_problems
 
     source = args.checkpoint
     registry = source in REGISTRY or any(s.short_name == source for s in REGISTRY.values())

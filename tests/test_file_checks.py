@@ -328,3 +328,12 @@ def test_spec_metadata_is_checked_against_its_schema():
                          ("shortcut", "yes"), ("projector_kwargs", {"dim": -1}), ("embed_dim", True)]:
         with pytest.raises(LookalikeError, match=field):
             AdapterSpec.from_json(json.dumps({**spec, field: value}))
+
+
+def test_adapter_name_equals_file_names_the_variant_on_the_command_line(twins):
+    from lookalike.pipeline.cli_plan import make_plan
+
+    _, path = twins
+    assert make_plan("tiny-random", f"twin-v2={path}", with_encoder=False).spec.shortcut is True
+    with pytest.raises(LookalikeError, match="unknown adapter 'no-such'"):
+        make_plan("tiny-random", f"no-such={path}", with_encoder=False)
