@@ -68,7 +68,11 @@ def check_output(text: str, suffix: str, what: str) -> Path:
 def check_references(references: Sequence[str]) -> list[Path]:
     """Every reference photo, opened and decoded once so that a bad file fails before any model loads."""
     from ..encoders.prepare import load_reference
+    from .subject import MAX_SUBJECT_IMAGES
 
+    if len(references) > MAX_SUBJECT_IMAGES:
+        raise LookalikeError(f"{len(references)} reference photos were given, above the limit of {MAX_SUBJECT_IMAGES} "
+                             f"per subject; pick the {MAX_SUBJECT_IMAGES} best photos")
     paths = [Path(r).expanduser() for r in references]
     for path in paths:
         load_reference(path)
