@@ -110,11 +110,11 @@ def _adapter_help(with_subject: bool) -> str:
     """The --adapter help text, listing the registry's short names and what the demo presets take (from the
     same source as their checks; neither imports torch)."""
     from ..adapters.spec import REGISTRY
-    from .demo_files import demo_adapters
+    from .demo_files import demo_adapters, said
 
     shorts = ", ".join(sorted({s.short_name for s in REGISTRY.values() if s.short_name}))
     default = f"{DEFAULT_ADAPTER}; with --subject: the subject's adapter" if with_subject else DEFAULT_ADAPTER
-    demos = "; ".join(f"--model {m} offers {', '.join(demo_adapters(m))}" for m in DEMOS)
+    demos = "; ".join(f"--model {m} offers {said(demo_adapters(m))}" for m in DEMOS)
     return (f"adapter variant: a short name ({shorts}), a full registry name (see `lookalike download "
             f"--help`), a local .safetensors/.bin checkpoint, NAME=FILE (a checkpoint whose variant its shapes "
             f"do not settle), or org/repo/path/file on the hub (default: {default}; {demos})")

@@ -13,8 +13,8 @@ from ..errors import LookalikeError
 DEMO_DIR = Path(__file__).resolve().parent.parent / "world" / "demo-model"
 DEMO_ADAPTER_FILE = "adapter.safetensors"
 DEMO_TRAINED = (DEMO_DIR / "model_index.json").is_file() and (DEMO_DIR / DEMO_ADAPTER_FILE).is_file()
-#: Projectors the random-weight demo builds, sized for its tiny UNet and encoder.
-RANDOM_DEMO_PROJECTORS = ("linear", "resampler")
+#: The adapters the random-weight demo builds, sized for its tiny UNet and encoder.
+RANDOM_DEMO_ADAPTERS = ("basic", "plus")
 
 
 @functools.cache
@@ -36,8 +36,12 @@ def demo_adapters(model: str) -> tuple[str, ...]:
     if model == "demo" and DEMO_TRAINED:
         spec = shipped_adapter_spec()
         return (spec.short_name or spec.name,)
-    return tuple(sorted(s.short_name for s in REGISTRY.values()
-                        if s.base == "sd15" and s.short_name and s.projector in RANDOM_DEMO_PROJECTORS))
+    return RANDOM_DEMO_ADAPTERS
+
+
+def said(names: tuple[str, ...]) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    return " and ".join(names) if len(names) < 3 else f"{', '.join(names[:-1])} and {names[-1]}"
 
 
 def check_demo_adapter(model: str, name: str) -> None:
@@ -47,5 +51,6 @@ def check_demo_adapter(model: str, name: str) -> None:
     spec = REGISTRY.get(name)
     short = (spec.short_name or name) if spec is not None and spec.base == "sd15" else name
     if short not in offered:
-        raise LookalikeError(f"--model {model} offers the {', '.join(offered)} adapter(s), not {name!r}; use "
+        kind = "adapters" if len(offered) > 1 else "adapter"
+        raise LookalikeError(f"--model {model} offers the {said(offered)} {kind}, not {name!r}; use "
                              f"--adapter {offered[0]} with --model {model}")

@@ -195,7 +195,7 @@ def test_the_adapters_the_help_offers_are_accepted_and_no_others(model, capsys):
 
     assert cli.main(["generate", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
-    offered = re.search(rf"--model {model} offers ([\w\-, ]+?)[;)]", text).group(1).split(", ")
+    offered = re.split(r", | and ", re.search(rf"--model {model} offers ([\w\-, ]+?)[;)]", text).group(1))
     assert offered
     shorts = sorted({s.short_name for s in REGISTRY.values() if s.short_name})
     for name in shorts:
