@@ -91,12 +91,28 @@ def downsample_mask(mask: torch.Tensor, num_queries: int) -> torch.Tensor:
     return small.unsqueeze(-1)  # (1, Q, 1)
 
 
+def in_window(span: tuple[float, float], window: tuple[float, float]) -> bool:
+    """Whether a step covering ``span`` of the schedule acts in ``window``: diffusers' ``control_guidance_start/end``
+    rule.
+
+    Step ``i`` of ``n`` (span ``(i/n, (i+1)/n)``) is kept unless ``i/n < start`` or ``(i+1)/n > end`` (the ControlNet
+    pipelines' ``controlnet_keep``): with 30 steps and ``end=0.75`` steps 0..21 act. A point span (no scheduler
+    timesteps known) ``p`` is kept for ``start <= p < end``.
+    """
+    start, end = window
+    lo, hi = span
+    if lo == hi:
+        return start <= lo < end
+    return not (lo < start or hi > end)
+
+
 @dataclass
 class AdapterInput:
     """One adapter's conditioning for one generation.
 
     ``tokens``/``negative``: projected image tokens ``(B, I, T, C)`` for the conditional and unconditional
-    halves. ``window``: the fraction of the schedule ``[start, end)`` where the adapter acts.
+    halves. ``window``: the part of the schedule ``(start, end)`` where the adapter acts (diffusers'
+    ``control_guidance_start/end`` rounding, :func:`in_window`).
     ``masks``: ``(1 or B, I, H, W)`` regions in [0, 1], one per image, as ``IPAdapterMaskProcessor`` gives.
     """
 
@@ -176,7 +192,7 @@ class AdapterHandle:
         self.original = dict(unet.attn_processors)
         self.scheduler: Any = None
         self._terms: list[_Term | None] = []
-        self._progress: float = 0.0
+        self._span: tuple[float, float] = (0.0, 0.0)  # the part of the schedule the current step covers
         self._needs_progress = False
         self._lora_cache: dict[int, list] | None = None
         self._text_kv: dict[int, tuple] | None = None  # per conditioned block: layer -> (context, version, k, v)
@@ -223,7 +239,7 @@ class AdapterHandle:
         previous, previous_kv = self._terms, self._text_kv
         self._terms, self._text_kv = terms, {}
         self._needs_progress = any(t is not None and tuple(t.input.window) != (0.0, 1.0) for t in terms)
-        self._progress = 0.0
+        self._span = (0.0, 0.0)
         try:
             yield
         finally:
@@ -276,9 +292,8 @@ class AdapterHandle:
         """The terms that add image attention at this layer and this step."""
         if not layer.is_cross or not self._terms:
             return []
-        p = self._progress
         return [t for t in self._terms
-                if t is not None and not t.is_silent(layer.index) and t.input.window[0] <= p < t.input.window[1]]
+                if t is not None and not t.is_silent(layer.index) and in_window(self._span, t.input.window)]
 
     def loras_at(self, index: int) -> list:
         """(scale, IPLayer) pairs of adapters whose LoRA acts on attention layer ``index``."""
@@ -294,17 +309,19 @@ class AdapterHandle:
         if not self._needs_progress:
             return
         t = args[1] if len(args) > 1 else kwargs.get("timestep")
-        self._progress = self.progress(t)
+        self._span = self.span(t)
 
-    def progress(self, timestep: Any) -> float:
-        """Fraction of the schedule done at ``timestep``: step index / steps when a scheduler is known."""
+    def span(self, timestep: Any) -> tuple[float, float]:
+        """The part of the schedule step ``timestep`` covers: ``(i/n, (i+1)/n)`` for step ``i`` of the scheduler's
+        ``n`` timesteps; without them the point ``1 - t/T`` (both ends equal)."""
         t = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
         steps = getattr(self.scheduler, "timesteps", None)
         if steps is not None and len(steps) > 0:
             index = int(torch.argmin((steps.float().cpu() - t).abs()))
-            return index / len(steps)
+            return index / len(steps), (index + 1) / len(steps)
         total = getattr(getattr(self.scheduler, "config", None), "num_train_timesteps", 1000)
-        return min(max(1.0 - t / total, 0.0), 1.0)
+        point = min(max(1.0 - t / total, 0.0), 1.0)
+        return point, point
 
 
 def attach_adapters(unet: nn.Module, adapters: Sequence[IPAdapter] = (), backend: str = "sdpa") -> AdapterHandle:

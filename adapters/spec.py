@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from ..errors import LookalikeError
 
@@ -80,17 +80,94 @@ class AdapterSpec:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> AdapterSpec:
-        """Inverse of :meth:`to_json`; unknown fields from newer versions are ignored."""
-        data = json.loads(text)
+    def from_json(cls, text: str, source: str = "the metadata") -> AdapterSpec:
+        """Inverse of :meth:`to_json`, checked against :data:`SPEC_SCHEMA` (types and ranges) before use;
+        unknown fields from newer versions are ignored. ``source`` names where the text came from."""
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, RecursionError, TypeError):
+            raise LookalikeError(f"the adapter spec in {source} is not JSON; the file is damaged or was edited: "
+                                 f"re-create it, or pass the variant explicitly (spec=, --adapter NAME)") from None
+        if not isinstance(data, dict):
+            raise LookalikeError(f"the adapter spec in {source} is not a JSON object; the file is damaged or was "
+                                 f"edited")
         known = {f for f in cls.__dataclass_fields__}
         data = {k: v for k, v in data.items() if k in known}
+        problem = spec_problem(data)
+        if problem:
+            raise LookalikeError(f"the adapter spec in {source} is invalid: {problem}; the file is damaged or was "
+                                 f"edited: re-create it, or pass the variant explicitly (spec=, --adapter NAME)")
         data["features"] = tuple(data["features"])
         return cls(**data)
 
     def with_(self, **changes: Any) -> AdapterSpec:
         """A copy with some fields changed."""
         return replace(self, **changes)
+
+
+#: Largest sizes a spec may name (well above every official variant; a file claiming more is damaged).
+MAX_TOKENS = 4096
+MAX_WIDTH = 16384
+MAX_KWARG = 16384
+MAX_LORA_RANK = 4096
+#: The features each projector reads (a spec naming others would fail at the first generation).
+PROJECTOR_FEATURES: dict[str, tuple[str, ...]] = {
+    "linear": ("pooled",), "resampler": ("patch",), "mlp": ("patch",), "faceid": ("face_id",),
+    "faceid_plus": ("face_id", "patch"),
+}
+
+
+def _int_in(low: int, high: int) -> Any:
+    return lambda v: type(v) is int and low <= v <= high
+
+
+def _optional_str(v: Any) -> bool:
+    return v is None or (isinstance(v, str) and len(v) <= 1000)
+
+
+#: Field -> (check, what it must be): the schema of a spec read from a file.
+SPEC_SCHEMA: dict[str, tuple[Any, str]] = {
+    "name": (lambda v: isinstance(v, str) and 0 < len(v) <= 200, "a name of 1 to 200 characters"),
+    "base": (lambda v: v in get_args(Base), f"one of {list(get_args(Base))}"),
+    "projector": (lambda v: isinstance(v, str) and 0 < len(v) <= 100, "a projector name"),
+    "features": (lambda v: isinstance(v, (list, tuple)) and 0 < len(v) <= len(FEATURE_KINDS)
+                 and len(set(v)) == len(v) and all(f in FEATURE_KINDS for f in v),
+                 f"a list of distinct feature kinds from {list(FEATURE_KINDS)}"),
+    "encoder": (lambda v: isinstance(v, str) and all(n in ENCODERS for n in v.split("+")),
+                f"encoder names from {list(ENCODERS)} joined by '+'"),
+    "num_tokens": (_int_in(1, MAX_TOKENS), f"a whole number from 1 to {MAX_TOKENS}"),
+    "embed_dim": (_int_in(1, MAX_WIDTH), f"a whole number from 1 to {MAX_WIDTH}"),
+    "cross_attention_dim": (_int_in(1, MAX_WIDTH), f"a whole number from 1 to {MAX_WIDTH}"),
+    "projector_kwargs": (lambda v: isinstance(v, dict) and len(v) <= 32 and all(
+        isinstance(k, str) and type(x) in (int, float) and 0 <= x <= MAX_KWARG for k, x in v.items()),
+        f"a mapping of names to numbers from 0 to {MAX_KWARG}"),
+    "repo_id": (_optional_str, "a string or null"),
+    "subfolder": (_optional_str, "a string or null"),
+    "filename": (_optional_str, "a string or null"),
+    "short_name": (_optional_str, "a string or null"),
+    "description": (lambda v: isinstance(v, str) and len(v) <= 10_000, "a string"),
+    "lora_rank": (_int_in(0, MAX_LORA_RANK), f"a whole number from 0 to {MAX_LORA_RANK}"),
+    "shortcut": (lambda v: type(v) is bool, "true or false"),
+    "face_normed": (lambda v: type(v) is bool, "true or false"),
+}
+REQUIRED_FIELDS = ("name", "base", "projector", "features", "encoder", "num_tokens", "embed_dim",
+                   "cross_attention_dim")
+
+
+def spec_problem(data: dict[str, Any]) -> str | None:
+    """The first way ``data`` (a spec's fields, as read from JSON) breaks :data:`SPEC_SCHEMA`, or None."""
+    missing = [k for k in REQUIRED_FIELDS if k not in data]
+    if missing:
+        return f"it lacks the field {missing[0]!r}"
+    for key, value in data.items():
+        check, what = SPEC_SCHEMA.get(key, (lambda v: True, ""))
+        if not check(value):
+            shown = repr(value)
+            return f"{key} is {shown[:60] + '...' if len(shown) > 60 else shown}, not {what}"
+    wanted = PROJECTOR_FEATURES.get(data["projector"])
+    if wanted is not None and tuple(data["features"]) != wanted:
+        return f"the {data['projector']} projector reads {list(wanted)} features, not {list(data['features'])}"
+    return None
 
 
 REGISTRY: dict[str, AdapterSpec] = {}

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import LookalikeError
+from ..pipeline.checks import MAX_SEED, MAX_SIDE, MAX_STEPS, check_seeds
 from ..pipeline.loading import device_and_dtype, load_personalizer, quiet_hub, quiet_libraries
 from ..pipeline.output import (
     DEFAULT_GUIDANCE,
@@ -36,9 +37,10 @@ from .options import (
     _add_reference_options,
     _fraction,
     _non_negative_float,
-    _non_negative_int,
     _positive_int,
+    _seed,
     _size,
+    _steps,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -80,9 +82,10 @@ def _add_generate(sub: Any) -> None:
     g.add_argument("--window", nargs=2, type=_fraction, default=None, metavar=("START", "END"),
                    help="the part of the schedule where the subject acts, as fractions, e.g. 0 0.8 "
                         "(default: 0 1, the whole schedule)")
-    g.add_argument("--seed", type=_non_negative_int, default=0, help="random seed of the first image (default: 0)")
-    g.add_argument("--steps", type=_positive_int, default=DEFAULT_STEPS,
-                   help=f"denoising steps (default: {DEFAULT_STEPS})")
+    g.add_argument("--seed", type=_seed, default=0,
+                   help=f"random seed of the first image, 0 to {MAX_SEED} (default: 0)")
+    g.add_argument("--steps", type=_steps, default=DEFAULT_STEPS,
+                   help=f"denoising steps, 1 to {MAX_STEPS} (default: {DEFAULT_STEPS})")
     g.add_argument("--num-images", type=_positive_int, default=1, metavar="N",
                    help="how many images to generate (default: 1)")
     g.add_argument("--guidance", type=_non_negative_float, default=None, metavar="CFG",
@@ -90,7 +93,8 @@ def _add_generate(sub: Any) -> None:
     g.add_argument("--negative-prompt", default=DEFAULT_NEGATIVE, metavar="TEXT",
                    help=f"what to avoid (default: '{DEFAULT_NEGATIVE}'; '' for none)")
     g.add_argument("--size", type=_size, default=None, metavar="N|WxH",
-                   help="image size in pixels, multiples of 8 (default: 512 for SD1.5, 1024 for SDXL, the demo model's own size)")
+                   help=f"image size in pixels, multiples of 8, at most {MAX_SIDE} a side (default: 512 for SD1.5, "
+                        f"1024 for SDXL, the demo model's own size)")
     p.set_defaults(run=cmd_generate)
 
 
@@ -101,6 +105,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for path in paths:
         if path.is_dir():
             raise LookalikeError(f"cannot write {path}: it is a folder; pick another --out")
+    check_seeds(args.seed, args.num_images)
     window = tuple(args.window) if args.window else (0.0, 1.0)
     if window[0] >= window[1]:
         raise LookalikeError(f"--window {window[0]} {window[1]}: START must be below END, e.g. --window 0 0.8")

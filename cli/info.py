@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import MissingFileError
+from ..errors import LookalikeError, MissingFileError
 from ..pipeline.loading import quiet_hub
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -37,6 +37,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from ..adapters.spec import REGISTRY, get_spec
     from ..weights.hub import resolve_adapter_source
     from ..weights.io import SPEC_KEY, detect_spec, read_checkpoint
+    from ..weights.problems import checkpoint_problems
 
     source = args.checkpoint
     registry = source in REGISTRY or any(s.short_name == source for s in REGISTRY.values())
@@ -51,6 +52,11 @@ def cmd_info(args: argparse.Namespace) -> int:
         return 0
     sd, metadata = read_checkpoint(path)
     spec = detect_spec(sd, metadata, str(path))
+    problems = checkpoint_problems(spec, sd)
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise LookalikeError(f"{path} is not a complete {spec.name} checkpoint: {'; '.join(problems[:3])}{more}; "
+                             f"the file is damaged or incomplete: re-download or re-create it")
     _print_info(spec, path, sd, "the file's metadata" if SPEC_KEY in metadata else "the tensor shapes")
     return 0
 

@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return _fail("interrupted; every output file written so far is complete", 130)
     except Exception as exc:
-        if type(exc).__name__ == "OutOfMemoryError":
+        if type(exc).__name__ == "OutOfMemoryError" or isinstance(exc, MemoryError) or (
+                isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)):
             return _fail(f"the device ran out of memory ({_one_line(str(exc))[:120]}); lower --size or "
                          f"--num-images, use --dtype float16, or --device cpu", 2)
         detail = _one_line(str(exc))[:300] or "no message"

@@ -7,7 +7,9 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from ..pipeline.plan import DEFAULT_ADAPTER, DEFAULT_MODEL
+from ..errors import LookalikeError
+from ..pipeline.checks import MAX_SEED, MAX_STEPS, check_size
+from ..pipeline.plan import DEFAULT_ADAPTER, DEFAULT_MODEL, DEMOS
 
 DTYPES = ("float16", "bfloat16", "float32")
 
@@ -22,8 +24,9 @@ def _number(cast: Callable[[str], Any], low: float, high: float = math.inf) -> C
             value = cast(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' * (cast is int)}number") from None
-        if not (math.isfinite(value) and low <= value <= high):
-            limit = f"between {low:g} and {high:g}" if math.isfinite(high) else f"at least {low:g}"
+        if not (low <= value <= high) or (isinstance(value, float) and not math.isfinite(value)):
+            lo, hi = (f"{v:g}" if isinstance(v, float) else str(v) for v in (low, high))
+            limit = f"between {lo} and {hi}" if math.isfinite(high) else f"at least {lo}"
             raise argparse.ArgumentTypeError(f"{text} must be {limit}")
         return value
 
@@ -31,7 +34,9 @@ def _number(cast: Callable[[str], Any], low: float, high: float = math.inf) -> C
 
 
 _positive_int = _number(int, 1)
+_steps = _number(int, 1, MAX_STEPS)
 _non_negative_int = _number(int, 0)
+_seed = _number(int, 0, MAX_SEED)
 _non_negative_float = _number(float, 0.0)
 _fraction = _number(float, 0.0, 1.0)
 
@@ -42,8 +47,10 @@ def _size(text: str) -> tuple[int, int]:
     if len(parts) not in (1, 2) or not all(p.strip().isdigit() for p in parts):
         raise argparse.ArgumentTypeError(f"{text!r} is not a size; use N (square) or WIDTHxHEIGHT, e.g. 768x512")
     width, height = int(parts[0]), int(parts[-1])
-    if width < 8 or height < 8 or width % 8 or height % 8:
-        raise argparse.ArgumentTypeError(f"{text!r}: width and height must be positive multiples of 8")
+    try:
+        check_size(width, height)
+    except LookalikeError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
     return width, height
 
 
@@ -51,14 +58,17 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def _adapter_help(with_subject: bool) -> str:
-    """The --adapter help text, listing the registry's short names (the registry imports no torch)."""
+    """The --adapter help text, listing the registry's short names and what the demo presets take (from the
+    same source as their checks; neither imports torch)."""
     from ..adapters.spec import REGISTRY
+    from ..pipeline.demo_files import demo_adapters, said
 
     shorts = ", ".join(sorted({s.short_name for s in REGISTRY.values() if s.short_name}))
     default = f"{DEFAULT_ADAPTER}; with --subject: the subject's adapter" if with_subject else DEFAULT_ADAPTER
+    demos = "; ".join(f"--model {m} offers {said(demo_adapters(m))}" for m in DEMOS)
     return (f"adapter variant: a short name ({shorts}), a full registry name (see `lookalike download "
-            f"--help`), a local .safetensors/.bin checkpoint, or org/repo/path/file on the hub "
-            f"(default: {default}; --model demo offers plus and basic)")
+            f"--help`), a local .safetensors/.bin checkpoint, NAME=FILE (a checkpoint whose variant its shapes "
+            f"do not settle), or org/repo/path/file on the hub (default: {default}; {demos})")
 
 
 def _add_model_options(parser: argparse.ArgumentParser, with_subject: bool) -> None:

@@ -18,7 +18,7 @@ from ..adapters.spec import ENCODERS, NEGATIVE_RULE, AdapterSpec, EncoderSpec, e
 from ..encoders.prepare import CropMode, load_reference
 from ..errors import LookalikeError
 from ..weights.io import check_encoder
-from .subject import Subject, file_sha256
+from .subject import MAX_SUBJECT_IMAGES, Subject, file_sha256
 
 ImageSource = str | os.PathLike | Image.Image
 
@@ -71,6 +71,9 @@ def _load_all(images: Sequence[ImageSource] | ImageSource) -> tuple[list[Image.I
         images = [images]
     if len(images) == 0:
         raise LookalikeError("no reference image was given; pass at least one photo of the subject")
+    if len(images) > MAX_SUBJECT_IMAGES:
+        raise LookalikeError(f"{len(images)} reference images were given, above the limit of {MAX_SUBJECT_IMAGES} "
+                             f"per subject; pick the {MAX_SUBJECT_IMAGES} best photos")
     loaded = [load_reference(img) for img in images]
     in_memory = [isinstance(img, Image.Image) for img in images]
     sources = ["" if mem else file_sha256(img) for img, mem in zip(images, in_memory)]
@@ -157,7 +160,7 @@ def encode_subject(encoders: EncoderSet, spec: AdapterSpec, images: Sequence[Ima
     return Subject({k: combine_images(v, combine, weights) for k, v in feats.items()},
                    {k: combine_images(v, combine, weights) for k, v in negative.items()},
                    adapter=spec.name, encoder=spec.encoder, combine=combine, sources=sources, weights=weights or [],
-                   negative_sources=neg_sources)
+                   negative_sources=neg_sources).check("the encoded subject")
 
 
 def _negative(encs: dict[str, Any], spec: AdapterSpec, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -14,13 +14,14 @@ from ..adapters.spec import NEGATIVE_RULE, AdapterSpec, encoder_of, get_spec
 from ..compat import diffusers_dtype
 from ..errors import LookalikeError
 from ..weights.io import adapter_from_state_dict, check_encoder, detect_spec, read_checkpoint
+from .checks import check_images, check_size
 from .encode import EncoderSet, ImageSource, encode_subject
-from .subject import Subject, box_mask, stack_subjects
+from .subject import FEATURE_NDIM, Subject, box_mask, stack_subjects
 
 #: One adapter's features: a tensor for single-feature variants, a dict ``{"face_id": ..., "patch": ...}`` else.
 Embeds = Union[torch.Tensor, Mapping[str, torch.Tensor]]
 #: Feature kind -> number of dims with the (batch, images) pair in front.
-_FEATURE_NDIM = {"pooled": 3, "patch": 4, "face_id": 3}
+_FEATURE_NDIM = FEATURE_NDIM
 
 
 def _one_per_adapter(value: Any, count: int, what: str, is_single: Any) -> list:
@@ -148,6 +149,10 @@ class Personalizer:
             if t.ndim != want:
                 raise LookalikeError(f"{what} ({kind}) for {spec.name} should have {want} dims "
                                      f"(batch, images, ...), got shape {tuple(t.shape)}")
+            if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+                raise LookalikeError(f"{what} ({kind}) for {spec.name} holds NaN, infinite or non-float values, "
+                                     f"which would give black images; encode the images again (in float32 or "
+                                     f"bfloat16 if float16 overflowed)")
             out[kind] = t
         check_encoder(spec, {k: v.shape[-1] for k, v in out.items()}, f"the given {what}")
         return out
@@ -211,6 +216,8 @@ class Personalizer:
         adapter = self._adapter_for(subjects[0].adapter)
         if any(self._adapter_for(s.adapter) is not adapter for s in subjects):
             raise LookalikeError("all subjects of one call must be encoded for the same adapter")
+        for s in subjects:
+            s.check()
         pos, neg = stack_subjects(subjects, dim)
         embeds: list = [None] * len(self.adapters)
         negs: list = [None] * len(self.adapters)
@@ -335,9 +342,29 @@ class Personalizer:
         per_prompt = int(pipeline_kwargs.get("num_images_per_prompt") or 1)
         inputs = self.condition_inputs(image_embeds, negative_image_embeds, scale, masks, window,
                                        prompts, per_prompt, combine)
+        height, width = self._output_size(pipeline_kwargs)
+        check_size(width, height)
         self.handle.scheduler = self.pipe.scheduler
+        to_pil = pipeline_kwargs.get("output_type", "pil") == "pil"
+        if to_pil:  # decoded as floats, checked, then made 8-bit exactly as diffusers' "pil" output does
+            pipeline_kwargs["output_type"] = "np"
         with self.handle.conditioned(inputs):
-            return self.pipe(prompt=prompt, **pipeline_kwargs)
+            result = self.pipe(prompt=prompt, **pipeline_kwargs)
+        return self._checked(result, to_pil, pipeline_kwargs.get("output_type"))
+
+    def _checked(self, result: Any, to_pil: bool, output_type: str | None) -> Any:
+        """Refuse non-finite or blank decoded images (they would be saved black); convert "np" back to PIL."""
+        as_tuple = isinstance(result, tuple)
+        images = result[0] if as_tuple else result.images
+        flagged = (result[1] if as_tuple and len(result) > 1 else getattr(result, "nsfw_content_detected", None))
+        if output_type != "latent":
+            check_images(images, flagged, half=self.pipe.unet.dtype == torch.float16)
+        if to_pil:
+            images = self.pipe.image_processor.numpy_to_pil(images)
+            if as_tuple:
+                return (images,) + tuple(result[1:])
+            result.images = images
+        return result
 
     def _from_subjects(self, subject: Any, subjects: Any, regions: Any, kwargs: dict) -> tuple:
         if subjects is not None:

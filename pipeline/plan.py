@@ -34,7 +34,11 @@ PATH_PREFIXES = ("./", "../", "/", "~", ".\\", "..\\")
 def check_references(references: Sequence[str]) -> list[Path]:
     """Every reference photo, opened and decoded once so that a bad file fails before any model loads."""
     from ..encoders.prepare import load_reference
+    from .subject import MAX_SUBJECT_IMAGES
 
+    if len(references) > MAX_SUBJECT_IMAGES:
+        raise LookalikeError(f"{len(references)} reference photos were given, above the limit of {MAX_SUBJECT_IMAGES} "
+                             f"per subject; pick the {MAX_SUBJECT_IMAGES} best photos")
     paths = [Path(r).expanduser() for r in references]
     for path in paths:
         load_reference(path)
@@ -71,11 +75,11 @@ def adapter_choice(adapter: str | None, subject: Subject | None, model: str | No
     if adapter is not None:
         return adapter
     if subject is None:
-        if model == DEMO:
-            from .demo import DEMO_TRAINED, shipped_adapter_spec
+        if model in DEMOS:
+            from .demo_files import demo_adapters
 
-            if DEMO_TRAINED:
-                return shipped_adapter_spec().short_name or DEFAULT_ADAPTER
+            offered = demo_adapters(model)
+            return DEFAULT_ADAPTER if DEFAULT_ADAPTER in offered else offered[0]
         return DEFAULT_ADAPTER
     if subject.adapter not in REGISTRY:
         raise LookalikeError(f"the subject was encoded for the adapter {subject.adapter!r}, which is not in the "
@@ -120,16 +124,41 @@ class Plan:
     checkpoint: Path | None
 
 
+def split_variant(adapter: str) -> tuple[str | None, str]:
+    """``--adapter NAME=FILE`` -> (registry NAME, FILE): the variant of a checkpoint whose shapes do not settle
+    it; anything else (an existing path included) -> (None, adapter)."""
+    if "=" not in adapter or Path(adapter).expanduser().exists():
+        return None, adapter
+    from ..adapters.spec import get_spec
+
+    name, _, source = adapter.partition("=")
+    if name not in _short_names():
+        get_spec(name)  # an unknown name: the registry's own sentence
+    if not source:
+        raise LookalikeError(f"--adapter {adapter}: give the checkpoint after '=', e.g. --adapter {name}=my.bin")
+    return name, source
+
+
+def _short_names() -> set[str]:
+    from ..adapters.spec import REGISTRY
+
+    return {s.short_name for s in REGISTRY.values() if s.short_name}
+
+
 def make_plan(model: str, adapter: str, *, with_encoder: bool, base: str | None = None) -> Plan:
     """Resolve the model's base family (unless given) and the adapter's file and spec, fetching small files."""
+    variant, adapter = split_variant(adapter)
     _check_adapter_known(adapter)
     if model in DEMOS:
-        return _demo_plan(adapter, model)
+        return _demo_plan(adapter, model, variant)
+    from ..adapters.spec import get_spec
     from ..weights.hub import resolve_adapter_source
     from ..weights.io import detect_spec, read_checkpoint
 
     base = base or model_base(model)
     path, spec = resolve_adapter_source(adapter, base=base)  # type: ignore[arg-type]
+    if variant is not None:
+        spec = get_spec(variant, base)  # type: ignore[arg-type]
     if spec is None:
         spec = detect_spec(*read_checkpoint(path), str(path))
     if spec.base != base:
@@ -162,27 +191,22 @@ def encode_plan(model: str, adapter: str) -> Plan:
     return Plan(model, spec.base, False, spec, None)
 
 
-def _demo_plan(adapter: str, model: str = DEMO) -> Plan:
+def _demo_plan(adapter: str, model: str = DEMO, variant: str | None = None) -> Plan:
     """The trained demo model takes its shipped adapter or a checkpoint file made for it; the random one
-    (and the demo when no trained weights ship) takes the basic and plus adapters."""
+    (and the demo when no trained weights ship) takes the adapters :func:`demo_adapters` names."""
     from ..adapters.spec import get_spec
     from ..weights.io import detect_spec, read_checkpoint
 
     local = Path(adapter).expanduser()
     if local.is_file():
-        return Plan(model, "sd15", True, detect_spec(*read_checkpoint(local), str(local)), local)
-    spec = get_spec(adapter, "sd15")
-    from .demo import DEMO_TRAINED, shipped_adapter_spec
+        spec = get_spec(variant, "sd15") if variant else detect_spec(*read_checkpoint(local), str(local))
+        return Plan(model, "sd15", True, spec, local)
+    from .demo_files import DEMO_TRAINED, check_demo_adapter, shipped_adapter_spec
 
+    check_demo_adapter(model, adapter)
+    spec = get_spec(adapter, "sd15")
     if DEMO_TRAINED and model == DEMO:
-        trained = shipped_adapter_spec()
-        if spec.projector != trained.projector:
-            raise LookalikeError(f"the trained demo model ships the {trained.short_name or trained.name} adapter, "
-                                 f"not {adapter!r}; use --adapter {trained.short_name or trained.name} with --model demo")
-        return Plan(model, "sd15", True, trained, None)
-    if spec.base != "sd15" or spec.projector not in ("linear", "resampler"):
-        raise LookalikeError(f"the demo model offers the basic and plus adapters, not {adapter!r}; "
-                             f"use --adapter plus or --adapter basic with --model demo")
+        return Plan(model, "sd15", True, shipped_adapter_spec(), None)
     return Plan(model, "sd15", True, spec, None)
 
 
