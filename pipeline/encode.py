@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ..adapters.spec import ENCODERS, NEGATIVE_RULE, AdapterSpec, EncoderSpec, encoder_of
+from ..adapters.spec import ENCODERS, AdapterSpec, EncoderSpec, encoder_of
 from ..encoders.prepare import CropMode, load_reference
 from ..errors import LookalikeError
 from ..weights.io import check_encoder
@@ -164,7 +164,7 @@ def _negative(encs: dict[str, Any], spec: AdapterSpec, feats: dict[str, torch.Te
     """The official unconditional features, one row per image (zeros; CLIP of a blank input for patches)."""
     out = {}
     for kind, t in feats.items():
-        if NEGATIVE_RULE[kind] == "encode_zeros":
+        if spec.negative_rule(kind) == "encode_zeros":
             out[kind] = encs["clip"].encode_negative(1)[kind].to(t).expand_as(t).clone()
         else:
             out[kind] = torch.zeros_like(t)

@@ -21,6 +21,7 @@ from ..adapters.module import IPAdapter, attention_layers
 from ..adapters.spec import REGISTRY, AdapterSpec, Base
 from ..errors import CheckpointMismatchError, LookalikeError, UnsafeCheckpointError
 from ..fileio import write_atomic
+from .dit_formats import published_to_flat
 
 SPEC_KEY = "lookalike.spec"
 SECTIONS = ("image_proj", "ip_adapter")
@@ -28,7 +29,8 @@ StateDict = dict[str, torch.Tensor]
 
 
 def _flatten(nested: Mapping, path: Path) -> StateDict:
-    """Nested or flat official dict -> flat ``section.key`` tensors."""
+    """Nested or flat official dict -> flat ``section.key`` tensors (published DiT layouts renamed)."""
+    nested = published_to_flat(nested)
     flat: StateDict = {}
     for section, value in nested.items():
         if isinstance(value, Mapping):
