@@ -40,7 +40,7 @@ def tiny_dit_spec(name: str, model, tokens: int | None = None) -> AdapterSpec:
         return spec.with_(embed_dim=EMBED, cross_attention_dim=cross, projector_kwargs=kw,
                           num_tokens=tokens or (8 if spec.projector == "flux_mlp" else spec.num_tokens))
     hidden = model.config.num_attention_heads * model.config.attention_head_dim
-    kw = dict(spec.projector_kwargs, dim=32, depth=2, heads=1, timestep_in_dim=16)
+    kw = dict(spec.projector_kwargs, dim=32, heads=1, timestep_in_dim=16)  # depth 4: diffusers assumes it
     return spec.with_(embed_dim=EMBED, cross_attention_dim=hidden, projector_kwargs=kw, num_tokens=tokens or 8)
 
 
