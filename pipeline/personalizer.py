@@ -173,8 +173,8 @@ class Personalizer:
             if spec.negative_rule(kind) == "zeros":
                 out[kind] = torch.zeros_like(t)
                 continue
-            clip = [e for e in encoder_of(spec) if e.kind == "clip"][0]
-            if self.encoders.by_name.get(clip.name) is None and self.encoders.by_kind.get("clip") is None:
+            clip = [e for e in encoder_of(spec) if e.kind != "face"][0]
+            if self.encoders.by_name.get(clip.name) is None and self.encoders.by_kind.get(clip.kind) is None:
                 raise LookalikeError(f"{spec.name} needs negative_image_embeds: its unconditional input is the "
                                      f"image encoder run on a blank image; pass negative_image_embeds or an "
                                      f"image encoder (Personalizer(pipe, image_encoder=...))")
