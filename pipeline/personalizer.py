@@ -351,6 +351,8 @@ class Personalizer:
             raise LookalikeError("generate needs image_embeds or a subject (one entry per loaded adapter)")
         if torch.is_tensor(image_embeds) or isinstance(image_embeds, Mapping):
             image_embeds = [image_embeds]
+        if torch.is_tensor(negative_image_embeds) or isinstance(negative_image_embeds, Mapping):
+            negative_image_embeds = [negative_image_embeds]
         if torch.is_tensor(masks):
             masks = [masks]
         prompts = len(prompt) if isinstance(prompt, list) else 1

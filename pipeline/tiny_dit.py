@@ -43,12 +43,17 @@ def tiny_dit_vae(seed: int = 0, shift: float = 0.0609, scaling: float = 1.5035) 
 def tiny_flux_transformer(double: int = 2, single: int = 2, heads: int = 2, head_dim: int = 16,
                           joint_dim: int = 32, guidance: bool = False, in_channels: int | None = None,
                           seed: int = 0) -> Any:
-    """A small FluxTransformer2DModel: ``double`` dual-stream and ``single`` single-stream blocks."""
+    """A small FluxTransformer2DModel: ``double`` dual-stream and ``single`` single-stream blocks.
+
+    ``in_channels`` beyond the packed latents' 64 (FluxFill: + masked-image latents + packed mask) keep 64
+    output channels.
+    """
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(seed)
     return FluxTransformer2DModel(
-        patch_size=1, in_channels=in_channels or LATENT_CHANNELS * 4, num_layers=double,
+        patch_size=1, in_channels=in_channels or LATENT_CHANNELS * 4, out_channels=LATENT_CHANNELS * 4,
+        num_layers=double,
         num_single_layers=single, attention_head_dim=head_dim, num_attention_heads=heads,
         joint_attention_dim=joint_dim, pooled_projection_dim=32, guidance_embeds=guidance,
         axes_dims_rope=(4, 6, 6)).eval()
@@ -66,9 +71,11 @@ def _flux_parts(seed: int) -> dict[str, Any]:
 
 def tiny_flux_pipeline(seed: int = 0, cls: Any = None, guidance: bool = False, **transformer_kwargs: Any) -> Any:
     """A complete FluxPipeline (or another Flux pipeline class ``cls``) with tiny random components."""
-    from diffusers import FluxPipeline
+    from diffusers import FluxFillPipeline, FluxPipeline
 
     cls = cls or FluxPipeline
+    if cls is FluxFillPipeline:  # latents, masked-image latents and the packed 2x2 mask of the x2 VAE
+        transformer_kwargs.setdefault("in_channels", LATENT_CHANNELS * 4 * 2 + 4 * 4)
     parts = _flux_parts(seed)
     parts["transformer"] = tiny_flux_transformer(guidance=guidance, seed=seed, **transformer_kwargs)
     extra = {"image_encoder": None, "feature_extractor": None} if "image_encoder" in _init_args(cls) else {}
