@@ -145,13 +145,14 @@ class _Term:
                dtype: torch.dtype, device: torch.device) -> Iterator[tuple]:
         """(k_ip, v_ip, scale, region or None) to add at this layer; keys/values cached per generation."""
         key = (layer.index, batch, self.handle is not None and self.handle.uncond)
-        if key not in self.cache:
-            tokens = self.batch_tokens(batch).to(device)  # (B, I, T, C)
+        if key not in self.cache:  # computed where the adapter's weights live, then moved to the layer's device
             ip_layer = self.adapter.layer(layer.index)
+            tokens = self.batch_tokens(batch).to(ip_layer.to_k_ip.weight.device)  # (B, I, T, C)
             if self.input.masks is None:
-                self.cache[key] = [ip_kv(ip_layer, tokens.flatten(1, 2), heads, head_dim)]
+                kvs = [ip_kv(ip_layer, tokens.flatten(1, 2), heads, head_dim)]
             else:
-                self.cache[key] = [ip_kv(ip_layer, tokens[:, i], heads, head_dim) for i in range(tokens.shape[1])]
+                kvs = [ip_kv(ip_layer, tokens[:, i], heads, head_dim) for i in range(tokens.shape[1])]
+            self.cache[key] = [(k.to(device), v.to(device)) for k, v in kvs]
         kvs = self.cache[key]
         scale = self.scales[layer.index]
         if self.input.masks is None:
@@ -174,9 +175,10 @@ class _Term:
         if step_key not in self.cache:
             for key in [k for k in self.cache if k[0] in ("step", "kv")]:
                 del self.cache[key]
-            feats = self.batch_tokens(batch).to(device)  # (B, I, T, H) features
+            home = next(self.adapter.image_proj.parameters()).device  # the adapter's weights stay where they are
+            feats = self.batch_tokens(batch).to(home)  # (B, I, T, H) features
             b, i = feats.shape[:2]
-            t = torch.as_tensor(self.handle.timestep, device=device).reshape(-1)
+            t = torch.as_tensor(self.handle.timestep, device=home).reshape(-1)
             t = t.repeat_interleave(i) if t.numel() == b else t.reshape(-1)[:1].expand(b * i)
             tokens, temb = self.adapter.image_proj({"patch": feats.flatten(0, 1)}, t)
             self.cache[step_key] = (tokens.reshape((b, i) + tokens.shape[1:]), temb.reshape(b, i, -1))
@@ -185,11 +187,11 @@ class _Term:
         kv_key = ("kv", layer.index, self.handle.step, batch, half)
         if kv_key not in self.cache:
             if self.input.masks is None:
-                flat = tokens.flatten(1, 2)  # every image's tokens, each normed with its own timestep embedding
-                self.cache[kv_key] = [ip_layer.kv(flat, temb[:, 0], heads, head_dim)]
+                flat = tokens.flatten(1, 2)  # every image's tokens (one timestep, so one embedding)
+                kvs = [ip_layer.kv(flat, temb[:, 0], heads, head_dim)]
             else:
-                self.cache[kv_key] = [ip_layer.kv(tokens[:, j], temb[:, j], heads, head_dim)
-                                      for j in range(tokens.shape[1])]
+                kvs = [ip_layer.kv(tokens[:, j], temb[:, j], heads, head_dim) for j in range(tokens.shape[1])]
+            self.cache[kv_key] = [(k.to(device), v.to(device)) for k, v in kvs]
         scale = self.scales[layer.index]
         kvs = self.cache[kv_key]
         if self.input.masks is None:

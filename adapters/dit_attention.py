@@ -170,6 +170,8 @@ class SD3JointProcessor(_DitProcessor):
         for term in active:
             for ip, k_ip, v_ip, scale, region in term.step_pieces(self.layer, heads, q.shape[-1], b, n,
                                                                   q.dtype, q.device):
+                if ip.norm_q.weight.device != q.device:  # offloaded model: the tiny norms follow the layer
+                    ip.norm_q.to(q.device), ip.norm_k.to(q.device)
                 keys = torch.cat([ip.norm_k(k_raw), k_ip], 2)
                 extra = attention(ip.norm_q(q_raw), keys, torch.cat([v, v_ip], 2), None, self.backend)
                 image = image + scale * (extra if region is None else extra * region)

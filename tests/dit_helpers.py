@@ -64,3 +64,27 @@ def flux_kwargs(steps: int = 2, **extra):
 
 def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+def save_gguf(model, folder) -> str:
+    """Write ``model`` as a GGUF file (Q8_0 for 2-D weights whose rows split into 32-blocks, F32 otherwise) plus
+    its config.json, as llama.cpp-style FLUX quantizations are shipped; returns the .gguf path."""
+    import os
+
+    import gguf
+
+    model.save_pretrained(folder)
+    path = os.path.join(str(folder), "transformer-q8_0.gguf")
+    writer = gguf.GGUFWriter(path, "flux")
+    for key, value in model.state_dict().items():
+        array = value.float().numpy()
+        if array.ndim == 2 and array.shape[-1] % 32 == 0:
+            q8 = gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0)
+            writer.add_tensor(key, q8, raw_shape=q8.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(key, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
