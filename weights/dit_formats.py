@@ -115,6 +115,18 @@ def save_published(adapter: torch.nn.Module, path: str | os.PathLike, layout: st
     return write_atomic(path, lambda tmp: torch.save(nested, tmp))
 
 
+def dit_base_of(sd: Mapping[str, torch.Tensor]) -> str | None:
+    """``"flux"`` or ``"sd3"`` for a DiT adapter's flat keys, else None.
+
+    A UNet's attention layer 0 is self-attention and never has image keys; DiT adapters start at block 0.
+    """
+    if "image_proj.time_embedding.linear_1.weight" in sd:
+        return "sd3"
+    if "ip_adapter.0.to_k_ip.weight" in sd:
+        return "flux"
+    return None
+
+
 def detect_dit_spec(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None, base: str,
                     registry_spec: AdapterSpec | None = None) -> AdapterSpec | None:
     """The variant of a FLUX/SD3 adapter file and its sizes, read from its shapes; None for UNet bases."""
