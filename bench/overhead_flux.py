@@ -138,8 +138,10 @@ def main(argv: list[str] | None = None) -> int:
         timed(fn, device)
     times: dict[str, list[float]] = {k: [] for k in modes}
     parts: dict[str, list[float]] = {k: [] for k in modes}
-    for _ in range(args.runs):
-        for key, fn in modes.items():
+    order = list(modes)
+    for run in range(args.runs):  # interleaved, the starting mode rotating, so a drift falls on all modes alike
+        for key in order[run % len(order):] + order[:run % len(order)]:
+            fn = modes[key]
             watches[key].total = 0.0
             times[key].append(timed(fn, device))
             parts[key].append(watches[key].total)

@@ -77,3 +77,19 @@ def test_sd3_two_adapters_and_a_per_block_scale(tmp_path):
                      generator=gen(), **sd3_kwargs()).images
     assert abs(two - one).max() > 1e-3 and abs(one - plain).max() > 1e-3
     assert (off == plain).all(), "scale 0 on every block must give the base model's exact output"
+
+
+def test_sd3_masks_and_window(tmp_path):
+    pipe = sd3_pipe()
+    p = Personalizer(pipe)
+    p.load_adapter(random_dit_adapter("sd35-ip", pipe, seed=5))
+    emb = patches()
+    kw = sd3_kwargs(num_inference_steps=4)
+    plain = sd3_pipe()(generator=gen(), **kw).images
+    full = p.generate(image_embeds=emb, generator=gen(), **kw).images
+    ones = p.generate(image_embeds=emb, masks=torch.ones(1, 1, 32, 32), generator=gen(), **kw).images
+    zeros = p.generate(image_embeds=emb, masks=torch.zeros(1, 1, 32, 32), generator=gen(), **kw).images
+    assert abs(ones - full).max() <= TOL and abs(zeros - plain).max() <= TOL
+    late = p.generate(image_embeds=emb, window=(0.5, 1.0), generator=gen(), **kw).images
+    closed = p.generate(image_embeds=emb, window=(0.3, 0.3), generator=gen(), **kw).images
+    assert abs(late - full).max() > 1e-4 and abs(late - plain).max() > 1e-4 and (closed == plain).all()
