@@ -350,7 +350,8 @@ class AdapterHandle:
             value = float(t.flatten()[0]) if torch.is_tensor(t) else float(t)
             self.uncond = self.alternate and value == self._last_t and not self.uncond
             self._last_t = value
-        self.step += not self.uncond
+        if self.family == "sd3":  # per-step caches (SD3.5's timestep-conditioned tokens); a counter that changes
+            self.step += not self.uncond  # every call would make torch.compile specialise a UNet graph on it
         if self._needs_progress:
             self._progress = self.progress(t)
 
