@@ -335,7 +335,7 @@ class AdapterHandle:
         return [(a.lora_scale, layer) for a, layer in self._lora_cache.get(index, []) if a.lora_scale != 0]
 
     def _on_unet_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        context = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+        context = kwargs.get("encoder_hidden_states", args[2 if self.family == "unet" else 1] if len(args) > 2 else None)
         self.text_len = context.shape[1] if torch.is_tensor(context) and context.ndim == 3 else None
         t = kwargs.get("timestep")
         position = 1 if self.family == "unet" else 3
