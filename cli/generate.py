@@ -122,7 +122,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     with quiet_hub(), quiet_libraries():
         p, name = load_personalizer(plan, device, dtype, face_options(args))
     check_transfer(p, args.transfer)
-    native = int(p.pipe.unet.config.sample_size) * int(p.pipe.vae_scale_factor)  # the demo's own size
+    native = int(p.pipe.unet.config.sample_size) * int(p.pipe.vae_scale_factor) if plan.demo else 0  # demo size
     width, height = args.size or ((native if plan.demo else DEFAULT_SIZE[plan.base]),) * 2
     with quiet_hub(), quiet_libraries():
         if subject is None:

@@ -14,7 +14,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..adapters.spec import AdapterSpec
 
 
-_BASE_NAMES = {"sd15": "Stable Diffusion 1.5", "sdxl": "Stable Diffusion XL"}
+_BASE_NAMES = {"sd15": "Stable Diffusion 1.5", "sdxl": "Stable Diffusion XL", "flux": "FLUX.1",
+               "sd3": "Stable Diffusion 3.5"}
 
 
 def _add_info(sub: Any) -> None:
@@ -85,6 +86,9 @@ def _print_info(spec: AdapterSpec, path: Path | None, sd: dict, origin: str) -> 
     print(f"projector:   {spec.projector}")
     print(f"tokens:      {spec.num_tokens} {per}")
     print(f"lora:        {f'rank {spec.lora_rank}' if spec.lora_rank else 'none'}")
+    if spec.blocks:  # DiT adapters: which transformer blocks take image attention
+        count = len({k.split(".")[1] for k in sd if k.startswith("ip_adapter.")}) if sd else None
+        print(f"blocks:      {count if count is not None else 'all'} ({' + '.join(spec.blocks)}; {spec.flavor} style)")
     if sd:
         total = sum(t.numel() for t in sd.values())
         parts = {name: sum(t.numel() for k, t in sd.items() if k.startswith(name + ".")) for name in

@@ -30,11 +30,11 @@ DEFAULT_NEGATIVE = "monochrome, lowres, bad anatomy, worst quality, low quality"
 
 
 #: Default output size per base family (the demo models use their own native size).
-DEFAULT_SIZE = {"sd15": 512, "sdxl": 1024}
+DEFAULT_SIZE = {"sd15": 512, "sdxl": 1024, "flux": 1024, "sd3": 1024}
 
 
 #: Default classifier-free guidance per base family (the diffusers pipelines' own defaults).
-DEFAULT_GUIDANCE = {"sd15": 7.5, "sdxl": 5.0}
+DEFAULT_GUIDANCE = {"sd15": 7.5, "sdxl": 5.0, "flux": 3.5, "sd3": 7.0}
 
 
 @dataclass
