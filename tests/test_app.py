@@ -14,7 +14,7 @@ from lookalike.cli import main
 from lookalike.errors import LookalikeError
 from lookalike.pipeline.subject import file_sha256
 
-from helpers import DREAMBENCH, YUNET
+from helpers import YUNET
 
 
 def _reference(path: Path) -> Path:
@@ -119,19 +119,22 @@ def test_shown_errors_carry_the_message_not_a_traceback() -> None:
 
 def test_show_faces_boxes_what_the_configured_detector_finds_and_says_when_there_is_none(tmp_path: Path) -> None:
     pytest.importorskip("cv2")
+    from skimage import data
+
     from lookalike.encoders.face import build_detector, find_faces
     from lookalike.encoders.prepare import load_reference
 
-    dog = DREAMBENCH / "dog" / "00.jpg"
+    face = tmp_path / "astronaut.png"  # a real face (a dog's is found or not depending on the photo's size)
+    Image.fromarray(data.astronaut()).save(face)
     engine = Engine("tiny-random", faces={"detector": "yunet", "yunet_model": str(YUNET)}, workdir=tmp_path)
-    found = find_faces(build_detector(detector="yunet", yunet_model=YUNET), dog)
-    shown = np.asarray(engine.show_faces(str(dog)))
-    photo = np.asarray(load_reference(dog))
-    assert shown.shape == photo.shape and len(found) >= 1  # YuNet sees the dog's face
+    found = find_faces(build_detector(detector="yunet", yunet_model=YUNET), face)
+    shown = np.asarray(engine.show_faces(str(face)))
+    photo = np.asarray(load_reference(face))
+    assert shown.shape == photo.shape and len(found) >= 1  # YuNet sees the astronaut's face
     x0, y0 = (round(float(v)) for v in found[0].bbox[:2])
     assert tuple(shown[y0 + 2, x0 + 1]) == (255, 40, 40)  # its box (or its number), drawn at the detection
     with pytest.raises(LookalikeError, match="no face found in plain.png"):
         engine.show_faces(str(_reference(tmp_path / "plain.png")))
     with pytest.raises(LookalikeError, match="YuNet model"):
         Engine("tiny-random", faces={"detector": "yunet", "yunet_model": str(tmp_path / "none.onnx")}).show_faces(
-            str(dog))
+            str(face))
