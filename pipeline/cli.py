@@ -20,6 +20,16 @@ from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from ..errors import LookalikeError, MissingFileError
+from .cli_layout import (
+    add_layout_options,
+    check_layout_flags,
+    encode_layout,
+    first_subject,
+    layout_subjects,
+    needs_encoder,
+    read_subjects_for,
+    save_layout,
+)
 from .cli_output import grid_path, make_grid, output_paths, save_png
 from .cli_plan import (
     DEBUG_ENV,
@@ -193,6 +203,7 @@ def _add_generate(sub: Any) -> None:
                    help=f"what to avoid (default: '{DEFAULT_NEGATIVE}'; '' for none)")
     g.add_argument("--size", type=_size, default=None, metavar="N|WxH",
                    help="image size in pixels, multiples of 8 (default: 512 for SD1.5, 1024 for SDXL, the demo model's own size)")
+    add_layout_options(p, source)
     p.set_defaults(run=cmd_generate)
 
 
@@ -292,6 +303,8 @@ class Settings:
     reference_weights: list[float] = field(default_factory=list)
     negative_references: list[str] = field(default_factory=list)
     transfer: str = "all"
+    subject_for: dict[str, list[str]] = field(default_factory=dict)  # --subject-for: phrase -> photos' SHA-256
+    layout: str = ""  # --subject-for: "start=S,threshold=T"
 
     def metadata(self, seed: int | str) -> dict[str, str]:
         """PNG text fields for the image made with ``seed`` (a description of seeds for a grid)."""
@@ -303,6 +316,7 @@ class Settings:
             **({"reference_weights": json.dumps(self.reference_weights)} if self.reference_weights else {}),
             **({"negative_references": json.dumps(self.negative_references)} if self.negative_references else {}),
             **({"transfer": self.transfer} if self.transfer != "all" else {}),
+            **({"subject_for": json.dumps(self.subject_for), "layout": self.layout} if self.subject_for else {}),
             "lookalike_version": __version__, "Software": f"lookalike {__version__}",
             "parameters": f"{self.prompt}\nNegative prompt: {self.negative_prompt}\nSteps: {self.steps}, "
                           f"CFG scale: {self.guidance}, Seed: {seed}, Size: {self.width}x{self.height}, "
@@ -323,12 +337,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     references = check_references(args.references) if args.references else []
     args.negative_references = check_references(args.negative_references) if args.negative_references else None
     check_combination(args, len(references))
-    subject = load_subject(args.subject) if args.subject else None
+    check_layout_flags(args)
+    layout = read_subjects_for(args.subjects_for) if args.subjects_for else None
+    subject = load_subject(args.subject) if args.subject else first_subject(layout or {})
     device, dtype = device_and_dtype(args.model, args.device, args.dtype)
     adapter = adapter_choice(args.adapter, subject, args.model)
     with quiet_hub():
-        plan = make_plan(args.model, adapter, with_encoder=subject is None)
-    check_subject_fits(subject, plan.spec)
+        plan = make_plan(args.model, adapter, with_encoder=subject is None or needs_encoder(layout or {}))
+    for one in layout_subjects(layout) if layout else [subject]:
+        check_subject_fits(one, plan.spec)
     guidance = args.guidance if args.guidance is not None else DEFAULT_GUIDANCE[plan.base]
     with quiet_hub(), quiet_libraries():
         p, name = load_personalizer(plan, device, dtype, face_options(args))
@@ -336,14 +353,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
     native = int(p.pipe.unet.config.sample_size) * int(p.pipe.vae_scale_factor)  # the demo's own size
     width, height = args.size or ((native if plan.demo else DEFAULT_SIZE[plan.base]),) * 2
     with quiet_hub(), quiet_libraries():
-        if subject is None:
+        subjects = encode_layout(p, layout, name, args) if layout else None
+        if subject is None and subjects is None:
             subject = p.encode(references, adapter=name, combine=args.combine, crop=args.crop,
                                face_index=args.face_index, weights=args.reference_weights,
                                negative_images=args.negative_references)
+        if subjects is None:
+            sources = (list(subject.sources), list(subject.weights), list(subject.negative_sources))
+            placed: dict[str, list[str]] = {}
+        else:
+            sources = ([h for s in subjects.values() for h in s.sources], [], [])
+            placed = {phrase: list(s.sources) for phrase, s in subjects.items()}
         settings = Settings(args.prompt, args.negative_prompt, args.model, name, args.scale, args.steps, guidance,
-                            width, height, (window[0], window[1]), args.seed, list(subject.sources),
-                            list(subject.weights), list(subject.negative_sources), args.transfer)
-        images = _generate_and_save(p, subject, settings, paths[: args.num_images])
+                            width, height, (window[0], window[1]), args.seed, *sources, args.transfer, placed,
+                            f"start={args.layout_start!r},threshold={args.layout_threshold!r}" if placed else "")
+        images = _generate_and_save(p, subject, settings, paths[: args.num_images], subjects, args)
     if len(images) > 1:
         save_png(make_grid(images), paths[-1], settings.metadata(f"{args.seed}..{args.seed + len(images) - 1}"))
         print(f"wrote {paths[-1]}")
@@ -355,8 +379,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generate_and_save(p: Personalizer, subject: Subject, s: Settings, paths: list[Path]) -> list[Image.Image]:
-    """Generate one image per path (seed + i each), each saved as soon as it is done; a progress bar on stderr."""
+def _generate_and_save(p: Personalizer, subject: Subject | None, s: Settings, paths: list[Path],
+                       subjects: dict[str, Subject] | None = None, args: argparse.Namespace | None = None
+                       ) -> list[Image.Image]:
+    """Generate one image per path (seed + i each), each saved as soon as it is done; a progress bar on stderr.
+
+    ``subjects`` (--subject-for): placed by their phrases; their regions/heatmaps are saved as ``args`` asks."""
     import torch
     from tqdm import tqdm
 
@@ -374,7 +402,9 @@ def _generate_and_save(p: Personalizer, subject: Subject, s: Settings, paths: li
         for i, path in enumerate(paths):
             bar.set_description(f"image {i + 1}/{len(paths)}")
             generator = torch.Generator("cpu").manual_seed(s.seed + i)
-            result = p.generate(s.prompt, subject=subject, scale=transfer_scale(s.transfer, p.base, s.scale),
+            conditioning = {"subject": subject} if subjects is None else {
+                "subjects": subjects, "layout_start": args.layout_start, "layout_threshold": args.layout_threshold}
+            result = p.generate(s.prompt, **conditioning, scale=transfer_scale(s.transfer, p.base, s.scale),
                                 window=s.window,
                                 negative_prompt=s.negative_prompt or None, num_inference_steps=s.steps,
                                 guidance_scale=s.guidance, height=s.height, width=s.width, generator=generator,
@@ -384,6 +414,8 @@ def _generate_and_save(p: Personalizer, subject: Subject, s: Settings, paths: li
             save_png(image, path, s.metadata(s.seed + i))
             bar.clear()
             print(f"wrote {path}")
+            for extra in save_layout(result, image, path, args, s.metadata(s.seed + i)) if subjects else []:
+                print(f"wrote {extra}")
             if flagged and flagged[0]:
                 print(f"warning: the model's safety checker blanked {path}; change the prompt or the seed",
                       file=sys.stderr)
