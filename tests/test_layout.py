@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -190,3 +193,57 @@ def test_the_recorder_holds_one_map_per_phrase_whatever_the_number_of_steps():
     assert (short.calls, long.calls) == (2 * layers, 4 * layers)  # only the layout layers, only before start
     assert short.sums.shape == long.sums.shape == (1, 2, LEVEL["sd15"])
     assert short.nbytes() == long.nbytes()
+
+
+# -- the command line -------------------------------------------------------------------------------------
+
+
+def _one_error(capsys, *words):
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert all(w in lines[0] for w in words), lines[0]
+
+
+def test_cli_subject_for_writes_disjoint_region_pngs_and_a_heatmap_per_phrase(tmp_path):
+    from PIL import Image
+
+    from lookalike.pipeline import cli
+
+    from helpers import DREAMBENCH
+
+    out = tmp_path / "pair.png"
+    code = cli.main(["generate", "--model", "tiny-random", "--steps", "3", "--layout-start", "0.5",
+                     "--prompt", PROMPT, "--subject-for", f"dog={DREAMBENCH / 'dog' / '00.jpg'}",
+                     "--subject-for", f"cat={DREAMBENCH / 'cat' / '00.jpg'}", "--save-regions", "--save-attention",
+                     "--out", str(out)])
+    assert code == 0
+    names = {"pair.png", *(f"pair-{k}-{ph}.png" for k in ("region", "attention") for ph in ("dog", "cat"))}
+    assert {f.name for f in tmp_path.iterdir()} == names
+    with Image.open(out) as image:
+        size, meta = image.size, dict(image.text)
+    assert set(json.loads(meta["subject_for"])) == {"dog", "cat"} and meta["layout"] == "start=0.5,threshold=0.5"
+    regions = []
+    for phrase in ("dog", "cat"):
+        with Image.open(tmp_path / f"pair-region-{phrase}.png") as region:
+            assert region.size == size and region.mode == "L"
+            regions.append(torch.from_numpy(np.asarray(region).copy()))
+    assert set(torch.unique(torch.cat([r.flatten() for r in regions])).tolist()) <= {0, 255}
+    assert ((regions[0] > 0) & (regions[1] > 0)).sum() == 0
+    heat = [np.asarray(Image.open(tmp_path / f"pair-attention-{ph}.png").convert("RGB")) for ph in ("dog", "cat")]
+    assert heat[0].shape == (size[1], size[0], 3) and abs(heat[0].astype(int) - heat[1]).max() > 0
+
+
+def test_cli_layout_mistakes_are_one_error_line(tmp_path, capsys):
+    from lookalike.pipeline import cli
+
+    from helpers import DREAMBENCH
+
+    photo = DREAMBENCH / "dog" / "00.jpg"
+    base = ["generate", "--model", "tiny-random", "--steps", "2", "--out", str(tmp_path / "x.png")]
+    assert cli.main([*base, "--prompt", "a dog", "--reference", str(photo), "--save-regions"]) == 2
+    _one_error(capsys, "--save-regions", "--subject-for")
+    assert cli.main([*base, "--prompt", "a dog", "--subject-for", f"dog{photo}"]) == 2
+    _one_error(capsys, "PHRASE=FILE")
+    assert cli.main([*base, "--prompt", "a dog", "--subject-for", f"horse={photo}"]) == 2
+    _one_error(capsys, "'horse' is not in the prompt")
+    assert list(tmp_path.iterdir()) == []
