@@ -25,6 +25,7 @@ from .cli_layout import (
     check_layout_flags,
     encode_layout,
     first_subject,
+    layout_settings,
     layout_subjects,
     needs_encoder,
     read_subjects_for,
@@ -366,7 +367,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             placed = {phrase: list(s.sources) for phrase, s in subjects.items()}
         settings = Settings(args.prompt, args.negative_prompt, args.model, name, args.scale, args.steps, guidance,
                             width, height, (window[0], window[1]), args.seed, *sources, args.transfer, placed,
-                            f"start={args.layout_start!r},threshold={args.layout_threshold!r}" if placed else "")
+                            "start={!r},threshold={!r}".format(*layout_settings(args)) if placed else "")
         images = _generate_and_save(p, subject, settings, paths[: args.num_images], subjects, args)
     if len(images) > 1:
         save_png(make_grid(images), paths[-1], settings.metadata(f"{args.seed}..{args.seed + len(images) - 1}"))
@@ -403,7 +404,7 @@ def _generate_and_save(p: Personalizer, subject: Subject | None, s: Settings, pa
             bar.set_description(f"image {i + 1}/{len(paths)}")
             generator = torch.Generator("cpu").manual_seed(s.seed + i)
             conditioning = {"subject": subject} if subjects is None else {
-                "subjects": subjects, "layout_start": args.layout_start, "layout_threshold": args.layout_threshold}
+                "subjects": subjects, **dict(zip(("layout_start", "layout_threshold"), layout_settings(args)))}
             result = p.generate(s.prompt, **conditioning, scale=transfer_scale(s.transfer, p.base, s.scale),
                                 window=s.window,
                                 negative_prompt=s.negative_prompt or None, num_inference_steps=s.steps,

@@ -24,20 +24,20 @@ SUBJECT_SUFFIX = ".safetensors"
 
 
 def add_layout_options(parser: argparse.ArgumentParser, source: Any) -> None:
-    """--subject-for (in the ``source`` group with --reference/--subject) and the layout flags."""
-    from .layout import LAYOUT_START, LAYOUT_THRESHOLD
+    """--subject-for (in the ``source`` group with --reference/--subject) and the layout flags.
 
+    Their defaults stay None here (the library's, pipeline/layout.py, apply) so that --help imports no torch.
+    """
     source.add_argument("--subject-for", action="append", dest="subjects_for", metavar="PHRASE=FILE",
                         help="several subjects in one image, each where its words of --prompt are: a word or "
                              "phrase of the prompt = a subject file or a photo (repeat the phrase for several "
                              "photos); regions come from the prompt's own attention (MS-Diffusion auto layout)")
     g = parser.add_argument_group("several subjects (--subject-for)")
-    g.add_argument("--layout-start", type=_open_fraction, default=LAYOUT_START, metavar="F",
-                   help=f"the part of the schedule run on text alone while the regions are found "
-                        f"(default: {LAYOUT_START})")
-    g.add_argument("--layout-threshold", type=_closed_fraction, default=LAYOUT_THRESHOLD, metavar="T",
-                   help=f"a position joins a subject's region where its normalised attention reaches T "
-                        f"(default: {LAYOUT_THRESHOLD})")
+    g.add_argument("--layout-start", type=_open_fraction, default=None, metavar="F",
+                   help="the part of the schedule run on text alone while the regions are found (default: 0.2)")
+    g.add_argument("--layout-threshold", type=_closed_fraction, default=None, metavar="T",
+                   help="a position joins a subject's region where its normalised attention reaches T "
+                        "(default: 0.5, MS-Diffusion's)")
     g.add_argument("--save-regions", action="store_true",
                    help="write each subject's region as <image>-region-<phrase>.png beside the image")
     g.add_argument("--save-attention", action="store_true",
@@ -86,12 +86,21 @@ def read_subjects_for(items: list[str]) -> dict[str, Subject | list[Path]]:
 
 
 def check_layout_flags(args: argparse.Namespace) -> None:
-    """--save-regions / --save-attention need --subject-for; photo-encoding flags need photos."""
+    """The layout flags need --subject-for."""
     if not args.subjects_for:
-        for flag, value in (("--save-regions", args.save_regions), ("--save-attention", args.save_attention)):
-            if value:
-                raise LookalikeError(f"{flag} shows where --subject-for subjects go; give --subject-for "
+        for flag, value in (("--save-regions", args.save_regions), ("--save-attention", args.save_attention),
+                            ("--layout-start", args.layout_start), ("--layout-threshold", args.layout_threshold)):
+            if value not in (None, False):
+                raise LookalikeError(f"{flag} is about where --subject-for subjects go; give --subject-for "
                                      f"PHRASE=FILE (one subject is enough)")
+
+
+def layout_settings(args: argparse.Namespace) -> tuple[float, float]:
+    """--layout-start and --layout-threshold, the library's defaults where not given."""
+    from .layout import LAYOUT_START, LAYOUT_THRESHOLD
+
+    start = LAYOUT_START if args.layout_start is None else args.layout_start
+    return start, LAYOUT_THRESHOLD if args.layout_threshold is None else args.layout_threshold
 
 
 def first_subject(layout: dict[str, Any]) -> Subject | None:
