@@ -170,6 +170,18 @@ def test_the_same_seed_gives_the_same_image_regions_and_maps():
         assert torch.equal(a.attention[phrase], b.attention[phrase])
 
 
+def test_each_image_of_a_batch_gets_its_own_regions_equal_to_generating_it_alone():
+    p, (dog, cat) = setup()
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    both = run(p, {"dog": dog, "cat": cat}, num_images_per_prompt=2, latents=latents)
+    alone = run(p, {"dog": dog, "cat": cat}, latents=latents[1:])
+    assert both.regions["dog"].shape == (2, 32, 32)
+    assert torch.equal(both.regions["dog"][1], alone.regions["dog"])
+    assert torch.allclose(both.attention["cat"][1], alone.attention["cat"], atol=1e-6)
+    assert abs(both.images[1] - alone.images[0]).max() <= 1e-5
+    assert not torch.equal(both.attention["dog"][0], both.attention["dog"][1])
+
+
 def test_a_phrase_missing_from_the_prompt_is_a_one_line_error():
     p, (dog, cat) = setup()
     with pytest.raises(LookalikeError, match="'horse' is not in the prompt") as err:
