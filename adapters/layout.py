@@ -167,6 +167,9 @@ class LayoutRecorder:
         """The accumulated maps, min-max normalised, at image resolution: ``(n, P, H, W)`` in [0, 1]."""
         if self.sums is None:
             raise LookalikeError("no attention was recorded: the generation ran no step before layout_start")
+        if not torch.isfinite(self.sums).all():
+            raise LookalikeError("the recorded attention holds NaN or Inf (the model overflowed, e.g. in float16); "
+                                 "no regions can be found; try float32 or bfloat16")
         return upsample(normalise(self.sums), height, width)
 
     def regions(self, height: int, width: int, threshold: float) -> torch.Tensor:

@@ -103,7 +103,7 @@ def generate_with_layout(p: Personalizer, prompt: str, subjects: Mapping[str, Su
 
     The adapters act from ``max(layout_start, window[0])`` to ``window[1]``. Returns the pipeline's output with
     ``.regions`` ``{phrase: (H, W) float {0, 1} mask}`` and ``.attention`` ``{phrase: (H, W) map in [0, 1]}``
-    (``(N, H, W)`` each with ``num_images_per_prompt=N > 1``).
+    (``(N, H, W)`` each with ``num_images_per_prompt=N > 1``), and ``.layout``, the recorder.
     """
     _check(prompt, subjects, layout_start, layout_threshold, kwargs)
     if not (isinstance(window, (list, tuple)) and len(window) == 2):

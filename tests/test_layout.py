@@ -197,6 +197,19 @@ def test_a_phrase_missing_from_the_prompt_is_a_one_line_error():
         run(p, {"dog": "dog.safetensors"})
 
 
+def test_non_finite_recorded_attention_is_an_error_not_empty_regions():
+    from lookalike.adapters.layout import LayoutRecorder
+
+    p, _ = setup()
+    layers = layout_layers(p.pipe.unet, p.handle.layers)
+    recorder = LayoutRecorder(p.handle, [DOG, CAT], layers, samples=1, start=0.5)
+    probs = torch.full((2, 2, 256, 77), 1 / 77)
+    probs[1, 0, 5] = float("nan")
+    recorder.record(layers[0], probs)
+    with pytest.raises(LookalikeError, match="NaN or Inf"):
+        recorder.regions(32, 32, 0.5)
+
+
 def test_the_recorder_holds_one_map_per_phrase_whatever_the_number_of_steps():
     p, (dog, cat) = setup()
     layers = len(layout_layers(p.pipe.unet, p.handle.layers))
