@@ -261,6 +261,7 @@ class AdapterHandle:
         self._needs_progress = False
         self._lora_cache: dict[int, list] | None = None
         self._text_kv: dict[int, tuple] | None = None  # per conditioned block: layer -> (context, version, k, v)
+        self.recorder: Any = None  # records text attention at some layers (adapters/layout.py LayoutRecorder)
         procs = {x.name: PROCESSORS[x.family](self, x, self.original[x.name], backend) for x in self.layers}
         unet.set_attn_processor(procs)
         self._hook = unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True)

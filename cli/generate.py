@@ -32,6 +32,17 @@ from ..pipeline.plan import (
     make_plan,
 )
 from .checks import check_combination, check_output, face_options
+from .layout import (
+    add_layout_options,
+    check_layout_flags,
+    encode_layout,
+    first_subject,
+    layout_settings,
+    layout_subjects,
+    needs_encoder,
+    read_subjects_for,
+    save_layout,
+)
 from .options import (
     _add_model_options,
     _add_reference_options,
@@ -95,6 +106,7 @@ def _add_generate(sub: Any) -> None:
     g.add_argument("--size", type=_size, default=None, metavar="N|WxH",
                    help=f"image size in pixels, multiples of 8, at most {MAX_SIDE} a side (default: 512 for SD1.5, "
                         f"1024 for SDXL, the demo model's own size)")
+    add_layout_options(p, source)
     p.set_defaults(run=cmd_generate)
 
 
@@ -112,12 +124,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     references = check_references(args.references) if args.references else []
     args.negative_references = check_references(args.negative_references) if args.negative_references else None
     check_combination(args, len(references))
-    subject = load_subject(args.subject) if args.subject else None
+    check_layout_flags(args)
+    layout = read_subjects_for(args.subjects_for) if args.subjects_for else None
+    subject = load_subject(args.subject) if args.subject else first_subject(layout or {})
     device, dtype = device_and_dtype(args.model, args.device, args.dtype)
     adapter = adapter_choice(args.adapter, subject, args.model)
     with quiet_hub():
-        plan = make_plan(args.model, adapter, with_encoder=subject is None)
-    check_subject_fits(subject, plan.spec)
+        plan = make_plan(args.model, adapter, with_encoder=subject is None or needs_encoder(layout or {}))
+    for one in layout_subjects(layout) if layout else [subject]:
+        check_subject_fits(one, plan.spec)
     guidance = args.guidance if args.guidance is not None else DEFAULT_GUIDANCE[plan.base]
     with quiet_hub(), quiet_libraries():
         p, name = load_personalizer(plan, device, dtype, face_options(args))
@@ -125,14 +140,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
     native = int(p.pipe.unet.config.sample_size) * int(p.pipe.vae_scale_factor) if plan.demo else 0  # demo size
     width, height = args.size or ((native if plan.demo else DEFAULT_SIZE[plan.base]),) * 2
     with quiet_hub(), quiet_libraries():
-        if subject is None:
+        subjects = encode_layout(p, layout, name, args) if layout else None
+        if subject is None and subjects is None:
             subject = p.encode(references, adapter=name, combine=args.combine, crop=args.crop,
                                face_index=args.face_index, weights=args.reference_weights,
                                negative_images=args.negative_references)
+        if subjects is None:
+            sources = (list(subject.sources), list(subject.weights), list(subject.negative_sources))
+            placed: dict[str, list[str]] = {}
+        else:
+            sources = ([h for s in subjects.values() for h in s.sources], [], [])
+            placed = {phrase: list(s.sources) for phrase, s in subjects.items()}
         settings = Settings(args.prompt, args.negative_prompt, args.model, name, args.scale, args.steps, guidance,
-                            width, height, (window[0], window[1]), args.seed, list(subject.sources),
-                            list(subject.weights), list(subject.negative_sources), args.transfer)
-        images = _generate_and_save(p, subject, settings, paths[: args.num_images])
+                            width, height, (window[0], window[1]), args.seed, *sources, args.transfer, placed,
+                            "start={!r},threshold={!r}".format(*layout_settings(args)) if placed else "")
+        images = _generate_and_save(p, subject, settings, paths[: args.num_images], subjects, args)
     if len(images) > 1:
         save_png(make_grid(images), paths[-1], settings.metadata(f"{args.seed}..{args.seed + len(images) - 1}"))
         print(f"wrote {paths[-1]}")
@@ -144,8 +166,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generate_and_save(p: Personalizer, subject: Subject, s: Settings, paths: list[Path]) -> list[Image.Image]:
-    """Generate one image per path (seed + i each), each saved as soon as it is done; a progress bar on stderr."""
+def _generate_and_save(p: Personalizer, subject: Subject | None, s: Settings, paths: list[Path],
+                       subjects: dict[str, Subject] | None = None, args: argparse.Namespace | None = None
+                       ) -> list[Image.Image]:
+    """Generate one image per path (seed + i each), each saved as soon as it is done; a progress bar on stderr.
+
+    ``subjects`` (--subject-for): placed by their phrases; their regions/heatmaps are saved as ``args`` asks."""
     from tqdm import tqdm
 
     p.pipe.set_progress_bar_config(disable=True)
@@ -162,7 +188,13 @@ def _generate_and_save(p: Personalizer, subject: Subject, s: Settings, paths: li
             print(f"warning: the model's safety checker blanked {path}; change the prompt or the seed",
                   file=sys.stderr)
 
+    def on_result(i: int, path: Path, result: Any) -> None:
+        for extra in save_layout(result, result.images[0], path, args, s.metadata(s.seed + i)):
+            print(f"wrote {extra}")
+
+    layout = dict(zip(("layout_start", "layout_threshold"), layout_settings(args))) if subjects else None
     try:
-        return generate_and_save(p, subject, s, paths, on_step=on_step, on_image=on_image)
+        return generate_and_save(p, subject, s, paths, on_step=on_step, on_image=on_image, subjects=subjects,
+                                 layout=layout, on_result=on_result if subjects else None)
     finally:
         bar.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -56,6 +56,8 @@ class Settings:
     reference_weights: list[float] = field(default_factory=list)
     negative_references: list[str] = field(default_factory=list)
     transfer: str = "all"
+    subject_for: dict[str, list[str]] = field(default_factory=dict)  # --subject-for: phrase -> photos' SHA-256
+    layout: str = ""  # --subject-for: "start=S,threshold=T"
 
     def metadata(self, seed: int | str) -> dict[str, str]:
         """PNG text fields for the image made with ``seed`` (a description of seeds for a grid)."""
@@ -67,6 +69,7 @@ class Settings:
             **({"reference_weights": json.dumps(self.reference_weights)} if self.reference_weights else {}),
             **({"negative_references": json.dumps(self.negative_references)} if self.negative_references else {}),
             **({"transfer": self.transfer} if self.transfer != "all" else {}),
+            **({"subject_for": json.dumps(self.subject_for), "layout": self.layout} if self.subject_for else {}),
             "lookalike_version": __version__, "Software": f"lookalike {__version__}",
             "parameters": f"{self.prompt}\nNegative prompt: {self.negative_prompt}\nSteps: {self.steps}, "
                           f"CFG scale: {self.guidance}, Seed: {seed}, Size: {self.width}x{self.height}, "
@@ -109,12 +112,16 @@ def make_grid(images: Sequence[Image.Image]) -> Image.Image:
     return grid
 
 
-def generate_and_save(p: Personalizer, subject: Subject, s: Settings, paths: Sequence[Path], *,
+def generate_and_save(p: Personalizer, subject: Subject | None, s: Settings, paths: Sequence[Path], *,
                       on_step: Callable[[int, int], None] | None = None,
-                      on_image: Callable[[int, Path, bool], None] | None = None) -> list[Image.Image]:
+                      on_image: Callable[[int, Path, bool], None] | None = None,
+                      subjects: Mapping[str, Subject] | None = None, layout: Mapping[str, float] | None = None,
+                      on_result: Callable[[int, Path, Any], None] | None = None) -> list[Image.Image]:
     """Generate one image per path (image i from noise seeded with ``s.seed + i`` on the cpu), each saved with
     ``s.metadata`` as soon as it is done. ``on_step(done, total)`` follows every denoising step;
-    ``on_image(i, path, blanked)`` every saved image (``blanked``: the model's safety checker blanked it)."""
+    ``on_image(i, path, blanked)`` every saved image (``blanked``: the model's safety checker blanked it).
+    ``subjects`` ({phrase: Subject}) places subjects by their words instead of ``subject`` (auto layout, with
+    ``layout``'s ``layout_start``/``layout_threshold``); ``on_result(i, path, result)`` sees each pipeline output."""
     import torch
 
     from ..adapters.transfer import transfer_scale
@@ -131,7 +138,8 @@ def generate_and_save(p: Personalizer, subject: Subject, s: Settings, paths: Seq
     images = []
     for i, path in enumerate(paths):
         generator = torch.Generator("cpu").manual_seed(s.seed + i)
-        result = p.generate(s.prompt, subject=subject, scale=transfer_scale(s.transfer, p.base, s.scale),
+        conditioning = {"subject": subject} if subjects is None else {"subjects": subjects, **(layout or {})}
+        result = p.generate(s.prompt, **conditioning, scale=transfer_scale(s.transfer, p.base, s.scale),
                             window=s.window,
                             negative_prompt=s.negative_prompt or None, num_inference_steps=s.steps,
                             guidance_scale=s.guidance, height=s.height, width=s.width, generator=generator,
@@ -141,5 +149,7 @@ def generate_and_save(p: Personalizer, subject: Subject, s: Settings, paths: Seq
         save_png(image, path, s.metadata(s.seed + i))
         if on_image is not None:
             on_image(i, path, bool(flagged and flagged[0]))
+        if on_result is not None:
+            on_result(i, path, result)
         images.append(image)
     return images

@@ -338,7 +338,8 @@ class Personalizer:
                  masks: Sequence[torch.Tensor | None] | torch.Tensor | None = None,
                  window: tuple[float, float] | Sequence[tuple[float, float]] = (0.0, 1.0),
                  combine: str = "concat", subject: Subject | Sequence[Subject] | None = None,
-                 subjects: Sequence[Subject] | None = None, regions: Sequence | None = None,
+                 subjects: Sequence[Subject] | Mapping[str, Subject] | None = None, regions: Sequence | None = None,
+                 layout_start: float | None = None, layout_threshold: float | None = None,
                  **pipeline_kwargs: Any) -> Any:
         """Generate with the wrapped pipeline, each adapter conditioned on its image features.
 
@@ -347,8 +348,25 @@ class Personalizer:
         fractions of the schedule where adapters act; ``masks``: per adapter ``(1, images, H, W)`` regions.
         ``subject``: a :class:`Subject` (or one per prompt) instead of ``image_embeds``; ``subjects`` with
         ``regions`` (a box ``(x0, y0, x1, y1)`` or an ``(H, W)`` mask each) places several subjects in one image.
+        ``subjects={"dog": dog, "cat": cat}`` (words of the prompt) finds the regions from the prompt's own
+        attention (auto layout, :mod:`lookalike.pipeline.layout`): text alone until ``layout_start`` (0.2),
+        regions where a phrase's normalised map is highest and reaches ``layout_threshold`` (0.5); the output
+        then carries ``.regions`` and ``.attention`` ``{phrase: (H, W)}``.
         Other keyword arguments go to the pipeline.
         """
+        if isinstance(subjects, Mapping):
+            from .layout import LAYOUT_START, LAYOUT_THRESHOLD, generate_with_layout
+
+            if subject is not None or image_embeds is not None or regions is not None or masks is not None:
+                raise LookalikeError("subjects={phrase: subject} finds the regions itself; pass no subject, "
+                                     "image_embeds, regions or masks with it")
+            return generate_with_layout(
+                self, prompt, subjects, scale=scale, window=window, combine=combine,
+                layout_start=LAYOUT_START if layout_start is None else layout_start,
+                layout_threshold=LAYOUT_THRESHOLD if layout_threshold is None else layout_threshold,
+                **pipeline_kwargs)
+        if layout_start is not None or layout_threshold is not None:
+            raise LookalikeError("layout_start and layout_threshold apply to subjects={phrase: subject} only")
         if subject is not None or subjects is not None:
             if image_embeds is not None:
                 raise LookalikeError("pass either image_embeds or subject(s), not both")
