@@ -160,8 +160,8 @@ SPEC_SCHEMA: dict[str, tuple[Any, str]] = {
     "embed_dim": (_int_in(1, MAX_WIDTH), f"a whole number from 1 to {MAX_WIDTH}"),
     "cross_attention_dim": (_int_in(1, MAX_WIDTH), f"a whole number from 1 to {MAX_WIDTH}"),
     "projector_kwargs": (lambda v: isinstance(v, dict) and len(v) <= 32 and all(
-        isinstance(k, str) and type(x) in (int, float) and 0 <= x <= MAX_KWARG for k, x in v.items()),
-        f"a mapping of names to numbers from 0 to {MAX_KWARG}"),
+        isinstance(k, str) and type(x) in (int, float, bool) and 0 <= x <= MAX_KWARG for k, x in v.items()),
+        f"a mapping of names to numbers from 0 to {MAX_KWARG} or flags"),
     "repo_id": (_optional_str, "a string or null"),
     "subfolder": (_optional_str, "a string or null"),
     "filename": (_optional_str, "a string or null"),

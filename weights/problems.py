@@ -7,6 +7,7 @@ from collections.abc import Mapping
 
 import torch
 
+from ..adapters.module import AttnLayer, make_ip_layer
 from ..adapters.projectors import build_projector
 from ..adapters.spec import AdapterSpec
 from .io import first_line, section
@@ -53,8 +54,18 @@ def checkpoint_problems(spec: AdapterSpec, sd: Mapping[str, torch.Tensor]) -> li
         want = {f"to_{p}_lora.{d}.weight" for p in ("q", "k", "v", "out") for d in ("down", "up")}
         if lora and lora != want:
             problems.append(f"{prefix}: LoRA weights {sorted(want - lora) or sorted(lora - want)} missing or extra")
-        unknown = set(weights) - want - {"to_k_ip.weight", "to_v_ip.weight"}
+        unknown = set(weights) - want - _ip_keys(spec, kv[0])
         problems += [f"unexpected {prefix}{k}" for k in sorted(unknown)]
     if not any(w.get("to_k_ip.weight") is not None for w in layers.values()):
         problems.append("no ip_adapter.*.to_k_ip weights (no attention layer gets image keys)")
     return problems
+
+
+def _ip_keys(spec: AdapterSpec, k_ip: torch.Tensor | None) -> set[str]:
+    """The names of one layer's image-attention weights in ``spec``'s layout (DiT layers add biases, norms)."""
+    if not spec.blocks or k_ip is None or k_ip.ndim != 2:
+        return {"to_k_ip.weight", "to_v_ip.weight"}
+    hidden = int(k_ip.shape[0])
+    layer = AttnLayer(0, "layer", hidden, spec.cross_attention_dim, True, spec.blocks[0], 1)
+    with torch.device("meta"):
+        return set(make_ip_layer(spec, layer, True, 0).state_dict())
