@@ -121,9 +121,14 @@ def _text_kv(attn, context: torch.Tensor, lk: list, lv: list, batch_size: int, h
 
 
 def ip_kv(layer: IPLayer, tokens: torch.Tensor, heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Image tokens ``(B, L, C)`` -> this layer's image keys and values ``(B, heads, L, d)``."""
+    """Image tokens ``(B, L, C)`` -> this layer's image keys and values ``(B, heads, L, d)``.
+
+    With ``layer.norm_kv`` both are RMS-normalised per head without weights (InstantX FLUX, eps 1e-5).
+    """
     b = tokens.shape[0]
     tokens = tokens.to(layer.to_k_ip.weight.dtype)
     k = layer.to_k_ip(tokens).view(b, -1, heads, head_dim).transpose(1, 2)
     v = layer.to_v_ip(tokens).view(b, -1, heads, head_dim).transpose(1, 2)
+    if getattr(layer, "norm_kv", False):
+        k, v = F.rms_norm(k, (head_dim,), eps=1e-5), F.rms_norm(v, (head_dim,), eps=1e-5)
     return k, v

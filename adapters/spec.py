@@ -11,7 +11,9 @@ from typing import Any, Literal
 
 from ..errors import LookalikeError
 
-Base = Literal["sd15", "sdxl"]
+Base = Literal["sd15", "sdxl", "flux", "sd3"]
+#: Base models whose denoiser is a transformer (DiT) rather than a UNet.
+DIT_BASES = ("flux", "sd3")
 #: Feature kinds an encoder produces: CLIP pooled embedding, CLIP penultimate patch tokens, ArcFace id.
 FEATURE_KINDS = ("pooled", "patch", "face_id")
 #: The official unconditional input of each feature: zeros, or the encoder run on an all-zero pixel tensor.
@@ -23,7 +25,7 @@ class EncoderSpec:
     """Where an image encoder lives and what it gives: widths of its pooled and patch features."""
 
     name: str
-    kind: Literal["clip", "face"]
+    kind: Literal["clip", "face", "siglip"]
     repo_id: str | None
     subfolder: str | None
     pooled_dim: int = 0
@@ -39,6 +41,10 @@ ENCODERS: dict[str, EncoderSpec] = {
         "clip-vit-bigg-14", "clip", "h94/IP-Adapter", "sdxl_models/image_encoder", 1280, 1664, 257
     ),
     "insightface-buffalo_l": EncoderSpec("insightface-buffalo_l", "face", None, None, 512, 0, 0),
+    "clip-vit-l-14": EncoderSpec("clip-vit-l-14", "clip", "openai/clip-vit-large-patch14", None, 768, 1024, 257),
+    "siglip-so400m-14-384": EncoderSpec(
+        "siglip-so400m-14-384", "siglip", "google/siglip-so400m-patch14-384", None, 1152, 1152, 729
+    ),
 }
 
 
@@ -49,7 +55,13 @@ class AdapterSpec:
     ``features`` are the encoder outputs the projector eats, in order (``("face_id", "patch")`` for
     FaceID-Plus). ``embed_dim`` is the width of the first feature and ``clip_dim`` the width of CLIP
     patch tokens where a second feature is used. The unconditional input follows from the features
-    (:data:`NEGATIVE_RULE`).
+    (:data:`NEGATIVE_RULE`) unless ``negative`` names a rule for every feature (SD3.5's is ``"zeros"``).
+
+    DiT variants name the attention ``blocks`` that get image attention (``"flux_double"``,
+    ``"flux_single"``, ``"sd3_joint"``; empty: a UNet's cross-attention layers) and whether the image
+    key/value projections carry a bias (``ip_bias``, as XLabs' FLUX adapters do); ``flavor`` says where the
+    image term enters a block, after the published code (``"xlabs"`` or ``"instantx"``; see
+    :mod:`.dit_attention`).
     """
 
     name: str
@@ -69,6 +81,10 @@ class AdapterSpec:
     face_normed: bool = True
     short_name: str | None = None
     description: str = ""
+    blocks: tuple[str, ...] = ()
+    ip_bias: bool = False
+    negative: str = ""
+    flavor: str = ""
 
     @property
     def feature(self) -> str:
@@ -86,7 +102,12 @@ class AdapterSpec:
         known = {f for f in cls.__dataclass_fields__}
         data = {k: v for k, v in data.items() if k in known}
         data["features"] = tuple(data["features"])
+        data["blocks"] = tuple(data.get("blocks", ()))
         return cls(**data)
+
+    def negative_rule(self, feature: str) -> str:
+        """How the unconditional input of ``feature`` is made: ``"zeros"`` or ``"encode_zeros"``."""
+        return self.negative or NEGATIVE_RULE[feature]
 
     def with_(self, **changes: Any) -> AdapterSpec:
         """A copy with some fields changed."""
@@ -199,6 +220,34 @@ def _register_official() -> None:
 
 
 _register_official()
+
+
+def _register_dit() -> None:
+    """FLUX.1 and SD3.5 adapters, read as diffusers' loaders (and InstantX's published code) read them."""
+    for spec in (
+        AdapterSpec("flux-ip", "flux", "linear", ("pooled",), "clip-vit-l-14", 4, 768, 4096,
+                    repo_id="XLabs-AI/flux-ip-adapter", filename="ip_adapter.safetensors", short_name="basic",
+                    blocks=("flux_double",), ip_bias=True, flavor="xlabs",
+                    description="XLabs: pooled CLIP ViT-L/14 -> 4 tokens, 19 double-stream blocks"),
+        AdapterSpec("flux-ip-v2", "flux", "linear", ("pooled",), "clip-vit-l-14", 16, 768, 4096,
+                    repo_id="XLabs-AI/flux-ip-adapter-v2", filename="ip_adapter.safetensors", short_name="v2",
+                    blocks=("flux_double",), ip_bias=True, flavor="xlabs",
+                    description="XLabs v2: pooled CLIP ViT-L/14 -> 16 tokens, 19 double-stream blocks"),
+        AdapterSpec("flux-ip-instantx", "flux", "flux_mlp", ("pooled",), "siglip-so400m-14-384", 128, 1152, 4096,
+                    {"mult": 2}, repo_id="InstantX/FLUX.1-dev-IP-Adapter", filename="ip-adapter.bin",
+                    short_name="instantx", blocks=("flux_double", "flux_single"), flavor="instantx",
+                    description="InstantX: pooled SigLIP so400m -> MLP -> 128 tokens, all 57 blocks"),
+        AdapterSpec("sd35-ip", "sd3", "time_resampler", ("patch",), "siglip-so400m-14-384", 64, 1152, 2432,
+                    {"dim": 1280, "depth": 4, "dim_head": 64, "heads": 20, "ff_mult": 4, "timestep_in_dim": 320,
+                     "timestep_flip_sin_to_cos": True, "timestep_freq_shift": 0},
+                    repo_id="InstantX/SD3.5-Large-IP-Adapter", filename="ip-adapter.bin", short_name="ip",
+                    blocks=("sd3_joint",), negative="zeros", flavor="instantx",
+                    description="InstantX: SigLIP so400m tokens -> timestep-conditioned resampler, 64 tokens"),
+    ):
+        register(spec)
+
+
+_register_dit()
 
 
 def get_spec(name: str, base: Base | None = None) -> AdapterSpec:

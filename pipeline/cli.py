@@ -54,11 +54,12 @@ DEFAULT_SCALE = 0.6
 DEFAULT_STEPS = 30
 DEFAULT_NEGATIVE = "monochrome, lowres, bad anatomy, worst quality, low quality"
 #: Default output size per base family (the demo models use their own native size).
-DEFAULT_SIZE = {"sd15": 512, "sdxl": 1024}
+DEFAULT_SIZE = {"sd15": 512, "sdxl": 1024, "flux": 1024, "sd3": 1024}
 #: Default classifier-free guidance per base family (the diffusers pipelines' own defaults).
-DEFAULT_GUIDANCE = {"sd15": 7.5, "sdxl": 5.0}
+DEFAULT_GUIDANCE = {"sd15": 7.5, "sdxl": 5.0, "flux": 3.5, "sd3": 7.0}
 DTYPES = ("float16", "bfloat16", "float32")
-_BASE_NAMES = {"sd15": "Stable Diffusion 1.5", "sdxl": "Stable Diffusion XL"}
+_BASE_NAMES = {"sd15": "Stable Diffusion 1.5", "sdxl": "Stable Diffusion XL", "flux": "FLUX.1",
+               "sd3": "Stable Diffusion 3.5"}
 
 # -- argument types ----------------------------------------------------------------------------------------
 
@@ -333,7 +334,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     with quiet_hub(), quiet_libraries():
         p, name = load_personalizer(plan, device, dtype, face_options(args))
     check_transfer(p, args.transfer)
-    native = int(p.pipe.unet.config.sample_size) * int(p.pipe.vae_scale_factor)  # the demo's own size
+    native = int(p.pipe.unet.config.sample_size) * int(p.pipe.vae_scale_factor) if plan.demo else 0  # demo size
     width, height = args.size or ((native if plan.demo else DEFAULT_SIZE[plan.base]),) * 2
     with quiet_hub(), quiet_libraries():
         if subject is None:
@@ -459,6 +460,9 @@ def _print_info(spec: AdapterSpec, path: Path | None, sd: dict, origin: str) -> 
     print(f"projector:   {spec.projector}")
     print(f"tokens:      {spec.num_tokens} {per}")
     print(f"lora:        {f'rank {spec.lora_rank}' if spec.lora_rank else 'none'}")
+    if spec.blocks:  # DiT adapters: which transformer blocks take image attention
+        count = len({k.split(".")[1] for k in sd if k.startswith("ip_adapter.")}) if sd else None
+        print(f"blocks:      {count if count is not None else 'all'} ({' + '.join(spec.blocks)}; {spec.flavor} style)")
     if sd:
         total = sum(t.numel() for t in sd.values())
         parts = {name: sum(t.numel() for k, t in sd.items() if k.startswith(name + ".")) for name in

@@ -246,13 +246,15 @@ def _encode_base(model: str, adapter: str) -> str | None:
 
 
 def _model_base(model: str) -> str:
-    """sd15 or sdxl, from the model's unet/config.json (a local folder, or the cache / hub: one small file)."""
+    """sd15, sdxl, flux or sd3, from the model's unet/ or transformer/config.json (local, cache or hub)."""
     local = Path(model).expanduser()
     if local.is_dir():
         config = local / "unet" / "config.json"
+        if not config.is_file() and (local / "transformer" / "config.json").is_file():
+            config = local / "transformer" / "config.json"
         if not config.is_file():
-            raise LookalikeError(f"--model {model} is not a diffusers pipeline folder (it has no unet/config.json); "
-                                 f"pass a folder written by save_pretrained, a hub id, or demo")
+            raise LookalikeError(f"--model {model} is not a diffusers pipeline folder (it has no unet/ or "
+                                 f"transformer/config.json); pass a folder written by save_pretrained, a hub id, or demo")
     elif local.exists():
         raise LookalikeError(f"--model {model} is a file; pass a diffusers pipeline folder, a hub id, or demo "
                              f"(single-file checkpoints are not supported)")
@@ -261,10 +263,12 @@ def _model_base(model: str) -> str:
     else:
         config = _hub_unet_config(model)
     try:
-        cross = json.loads(config.read_text())["cross_attention_dim"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        data = json.loads(config.read_text())
+        transformer = {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3"}.get(data.get("_class_name"))
+        cross = None if transformer else data["cross_attention_dim"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise LookalikeError(f"cannot read {config} ({exc}); the model's files are damaged, download it again") from exc
-    return "sdxl" if cross == 2048 else "sd15"
+    return transformer or ("sdxl" if cross == 2048 else "sd15")
 
 
 def _hub_unet_config(model: str) -> Path:
@@ -282,10 +286,14 @@ def _hub_unet_config(model: str) -> Path:
 
     fetch = f"run `hf download {model}` on a machine with network access, pass a local folder, or try --model demo"
     try:
-        cached = huggingface_hub.try_to_load_from_cache(model, "unet/config.json")
-        if isinstance(cached, str):
-            return Path(cached)
-        return Path(huggingface_hub.hf_hub_download(model, "config.json", subfolder="unet"))
+        for sub in ("unet", "transformer"):  # UNet models, then FLUX / SD3 transformers
+            cached = huggingface_hub.try_to_load_from_cache(model, f"{sub}/config.json")
+            if isinstance(cached, str):
+                return Path(cached)
+        try:
+            return Path(huggingface_hub.hf_hub_download(model, "config.json", subfolder="unet"))
+        except EntryNotFoundError:
+            return Path(huggingface_hub.hf_hub_download(model, "config.json", subfolder="transformer"))
     except HFValidationError as exc:
         raise LookalikeError(f"--model {model!r} is neither a folder nor a valid hub id; pass a diffusers "
                              f"folder, an id like org/name, or demo") from exc
@@ -300,8 +308,8 @@ def _hub_unet_config(model: str) -> Path:
                else "the hub cannot be reached")
         raise MissingFileError(f"the model {model} is not in the Hugging Face cache and {why}; {fetch}") from exc
     except EntryNotFoundError as exc:
-        raise LookalikeError(f"the hub repo {model} has no unet/config.json, so it is not a diffusers "
-                             f"text-to-image pipeline; pass an SD1.5 or SDXL pipeline") from exc
+        raise LookalikeError(f"the hub repo {model} has no unet/ or transformer/config.json, so it is not a diffusers "
+                             f"text-to-image pipeline; pass an SD1.5, SDXL, FLUX.1 or SD3.5 pipeline") from exc
     except (HfHubHTTPError, OSError) as exc:
         raise MissingFileError(f"cannot fetch the model {model} ({str(exc).splitlines()[0]}); {fetch}") from exc
 

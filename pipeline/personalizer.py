@@ -1,4 +1,4 @@
-"""``Personalizer``: wraps any diffusers SD1.5/SDXL pipeline with stacked IP-Adapter-style adapters."""
+"""``Personalizer``: wraps a diffusers SD1.5/SDXL, FLUX.1 or SD3.5 pipeline with stacked image adapters."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ from typing import Any, Union
 import torch
 
 from ..adapters.attach import AdapterHandle, AdapterInput, Scale, attach_adapters
-from ..adapters.module import IPAdapter
-from ..adapters.spec import NEGATIVE_RULE, AdapterSpec, encoder_of, get_spec
+from ..adapters.module import IPAdapter, model_family
+from ..adapters.spec import AdapterSpec, encoder_of, get_spec
 from ..compat import diffusers_dtype
 from ..errors import LookalikeError
+from ..weights.dit_formats import detect_dit_spec
 from ..weights.io import adapter_from_state_dict, check_encoder, detect_spec, read_checkpoint
 from .encode import EncoderSet, ImageSource, encode_subject
 from .subject import Subject, box_mask, stack_subjects
@@ -43,21 +44,25 @@ def _is_scale(s: Any) -> bool:
 class Personalizer:
     """Zero-shot personalization of a diffusers text-to-image pipeline.
 
-    ``Personalizer(pipe)`` attaches lookalike's decoupled-attention processor to ``pipe.unet``; adapters
-    are stacked with :meth:`load_adapter` and conditioned per call of :meth:`generate`.
+    ``Personalizer(pipe)`` attaches lookalike's processors to ``pipe.unet`` (SD1.5, SDXL) or
+    ``pipe.transformer`` (FLUX.1, SD3.5; any of their pipelines: text-to-image, img2img, inpaint, Fill,
+    ControlNet); adapters are stacked with :meth:`load_adapter` and conditioned per call of :meth:`generate`.
     """
 
     def __init__(self, pipe: Any, *, backend: str = "sdpa", image_encoder: Any = None,
                  face_encoder: Any = None, face_options: Mapping[str, Any] | None = None) -> None:
-        if not hasattr(pipe, "unet"):
-            raise LookalikeError("Personalizer needs a diffusers pipeline with a UNet (SD1.5 or SDXL)")
+        model = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+        if model is None or not hasattr(model, "attn_processors"):
+            raise LookalikeError("Personalizer needs a diffusers pipeline with a UNet (SD1.5, SDXL) or a FLUX/SD3 "
+                                 "transformer")
         self.pipe = pipe
-        self.encoders = EncoderSet(pipe.unet.device, pipe.unet.dtype, face_options)
+        self.model = model
+        self.encoders = EncoderSet(model.device, model.dtype, face_options)
         clip = image_encoder if image_encoder is not None else getattr(pipe, "image_encoder", None)
         for encoder in (clip, face_encoder):
             if encoder is not None:
                 self.encoders.set(encoder)
-        self.handle: AdapterHandle = attach_adapters(pipe.unet, backend=backend)
+        self.handle: AdapterHandle = attach_adapters(model, backend=backend)
 
     @classmethod
     def from_pretrained(cls, model_id_or_dir: str | os.PathLike, *, dtype: torch.dtype | None = None,
@@ -86,7 +91,10 @@ class Personalizer:
 
     @property
     def base(self) -> str:
-        return "sdxl" if self.pipe.unet.config.cross_attention_dim == 2048 else "sd15"
+        family = model_family(self.model)
+        if family != "unet":
+            return family
+        return "sdxl" if self.model.config.cross_attention_dim == 2048 else "sd15"
 
     def load_adapter(self, source: str | os.PathLike | IPAdapter, *, spec: AdapterSpec | str | None = None,
                      name: str | None = None) -> str:
@@ -101,9 +109,10 @@ class Personalizer:
                 spec = get_spec(spec, self.base)
             path, registry_spec = self._resolve(source)
             sd, metadata = read_checkpoint(path)
-            chosen = spec or registry_spec or detect_spec(sd, metadata, str(path))
-            unet = self.pipe.unet
-            adapter = adapter_from_state_dict(sd, unet, chosen, device=unet.device, dtype=unet.dtype)
+            chosen = spec or detect_dit_spec(sd, metadata, self.base, registry_spec) or registry_spec \
+                or detect_spec(sd, metadata, str(path))
+            model = self.model
+            adapter = adapter_from_state_dict(sd, model, chosen, device=model.device, dtype=self._adapter_dtype())
         taken = {a.name for a in self.adapters}
         base_name = name or adapter.name
         unique, n = base_name, 2
@@ -112,6 +121,11 @@ class Personalizer:
         adapter.name = unique
         self.handle.add(adapter)
         return unique
+
+    def _adapter_dtype(self) -> torch.dtype:
+        """The model's dtype, or float32 when its weights are quantized (integer or packed storage)."""
+        dtype = self.model.dtype
+        return dtype if dtype.is_floating_point and dtype.itemsize >= 2 else torch.float32
 
     def _resolve(self, source: str | os.PathLike) -> tuple[str, AdapterSpec | None]:
         from ..weights.hub import resolve_adapter_source
@@ -156,11 +170,11 @@ class Personalizer:
         """The official unconditional input: zeros, or the image encoder run on an all-zero pixel tensor."""
         out = {}
         for kind, t in like.items():
-            if NEGATIVE_RULE[kind] == "zeros":
+            if spec.negative_rule(kind) == "zeros":
                 out[kind] = torch.zeros_like(t)
                 continue
-            clip = [e for e in encoder_of(spec) if e.kind == "clip"][0]
-            if self.encoders.by_name.get(clip.name) is None and self.encoders.by_kind.get("clip") is None:
+            clip = [e for e in encoder_of(spec) if e.kind != "face"][0]
+            if self.encoders.by_name.get(clip.name) is None and self.encoders.by_kind.get(clip.kind) is None:
                 raise LookalikeError(f"{spec.name} needs negative_image_embeds: its unconditional input is the "
                                      f"image encoder run on a blank image; pass negative_image_embeds or an "
                                      f"image encoder (Personalizer(pipe, image_encoder=...))")
@@ -273,10 +287,18 @@ class Personalizer:
             negf = self._as_features(spec, neg, "negative_image_embeds") if neg is not None else None
             negf = negf or self.negative_features(spec, pos)
             with torch.no_grad():  # one projection per distinct row, then repeated per generated image
-                tokens = [self._fit_batch(adapter.project_once(self._prepare(f, combine, prompts, adapter)),
+                tokens = [self._fit_batch(self._tokens(adapter, self._prepare(f, combine, prompts, adapter)),
                                           prompts, per_prompt, adapter.name) for f in (pos, negf)]
             inputs.append(AdapterInput(tokens[0], tokens[1], s, tuple(w), self._masks(m)))
         return inputs
+
+    @staticmethod
+    def _tokens(adapter: IPAdapter, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Projected tokens ``(B, I, T, C)``; for a timestep-conditioned projector (SD3.5) the features
+        themselves, projected once per denoising step by the handle."""
+        if adapter.spec.projector == "time_resampler":
+            return feats[adapter.spec.features[0]]
+        return adapter.project_once(feats)
 
     def _prepare(self, feats: Mapping[str, torch.Tensor], combine: str, prompts: int,
                  adapter: IPAdapter) -> dict[str, torch.Tensor]:
@@ -301,7 +323,7 @@ class Personalizer:
             m = m.unsqueeze(0)
         if m.ndim != 4:
             raise LookalikeError(f"a mask must have shape (1, images, height, width), got {tuple(m.shape)}")
-        return m.to(device=self.pipe.unet.device, dtype=torch.float32)
+        return m.to(device=self.model.device, dtype=torch.float32)
 
     # -- generation -------------------------------------------------------------------------------
     def generate(self, prompt: str | list[str] | None = None, image_embeds: Sequence[Embeds | None] | None = None,
@@ -329,6 +351,8 @@ class Personalizer:
             raise LookalikeError("generate needs image_embeds or a subject (one entry per loaded adapter)")
         if torch.is_tensor(image_embeds) or isinstance(image_embeds, Mapping):
             image_embeds = [image_embeds]
+        if torch.is_tensor(negative_image_embeds) or isinstance(negative_image_embeds, Mapping):
+            negative_image_embeds = [negative_image_embeds]
         if torch.is_tensor(masks):
             masks = [masks]
         prompts = len(prompt) if isinstance(prompt, list) else 1
@@ -336,8 +360,20 @@ class Personalizer:
         inputs = self.condition_inputs(image_embeds, negative_image_embeds, scale, masks, window,
                                        prompts, per_prompt, combine)
         self.handle.scheduler = self.pipe.scheduler
-        with self.handle.conditioned(inputs):
-            return self.pipe(prompt=prompt, **pipeline_kwargs)
+        self.handle.alternate = self._true_cfg(pipeline_kwargs)
+        try:
+            with self.handle.conditioned(inputs):
+                return self.pipe(prompt=prompt, **pipeline_kwargs)
+        finally:
+            self.handle.alternate = False
+
+    def _true_cfg(self, kwargs: Mapping[str, Any]) -> bool:
+        """Whether a FLUX pipeline will run true CFG (two model calls per step: conditional, then not)."""
+        if self.base != "flux":
+            return False
+        negative = kwargs.get("negative_prompt") is not None or (
+            kwargs.get("negative_prompt_embeds") is not None and kwargs.get("negative_pooled_prompt_embeds") is not None)
+        return float(kwargs.get("true_cfg_scale") or 1.0) > 1 and negative
 
     def _from_subjects(self, subject: Any, subjects: Any, regions: Any, kwargs: dict) -> tuple:
         if subjects is not None:
@@ -354,5 +390,6 @@ class Personalizer:
 
     def _output_size(self, kwargs: dict) -> tuple[int, int]:
         scale = getattr(self.pipe, "vae_scale_factor", 8)
-        default = self.pipe.unet.config.sample_size * scale
+        sample = getattr(self.pipe, "default_sample_size", None) or self.model.config.sample_size
+        default = sample * scale
         return int(kwargs.get("height") or default), int(kwargs.get("width") or default)

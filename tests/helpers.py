@@ -86,7 +86,7 @@ def random_adapter(spec: AdapterSpec, pipe, seed: int = 0, lora: bool = False) -
     return randomize(IPAdapter.for_unet(small, pipe.unet), seed)
 
 
-VARIANTS = sorted(REGISTRY)
+VARIANTS = sorted(n for n, s in REGISTRY.items() if s.base in ("sd15", "sdxl"))  # UNet variants
 
 
 class TinyArcFace(torch.nn.Module):

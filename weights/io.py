@@ -21,6 +21,7 @@ from ..adapters.module import IPAdapter, attention_layers
 from ..adapters.spec import REGISTRY, AdapterSpec, Base
 from ..errors import CheckpointMismatchError, LookalikeError, UnsafeCheckpointError
 from ..fileio import write_atomic
+from .dit_formats import detect_dit_spec, dit_base_of, published_to_flat
 
 SPEC_KEY = "lookalike.spec"
 SECTIONS = ("image_proj", "ip_adapter")
@@ -28,7 +29,8 @@ StateDict = dict[str, torch.Tensor]
 
 
 def _flatten(nested: Mapping, path: Path) -> StateDict:
-    """Nested or flat official dict -> flat ``section.key`` tensors."""
+    """Nested or flat official dict -> flat ``section.key`` tensors (published DiT layouts renamed)."""
+    nested = published_to_flat(nested)
     flat: StateDict = {}
     for section, value in nested.items():
         if isinstance(value, Mapping):
@@ -151,6 +153,8 @@ def detect_spec(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | No
     """
     if metadata and SPEC_KEY in metadata:
         return AdapterSpec.from_json(metadata[SPEC_KEY])
+    if dit_base_of(sd):  # FLUX / SD3.5 layouts: their own shape rules
+        return detect_dit_spec(sd, metadata, dit_base_of(sd))  # type: ignore[return-value]
     stem = Path(filename).name.split(".")[0] if filename else "custom"
     shaped = spec_from_shapes(sd, stem)
     matches = [s for s in REGISTRY.values() if _same_architecture(s, shaped)]
