@@ -304,23 +304,31 @@ class AdapterHandle:
         block computes its image keys/values afresh, so the recomputation runs the operations of the forward."""
         from torch.utils.checkpoint import checkpoint
 
-        def run(module: nn.Module, *args: Any) -> Any:
-            state = (self._terms, self._progress)
+        def run(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+            state = self._step_state()
 
-            def call(*inner: Any) -> Any:
-                saved = (self._terms, self._progress)
-                self._terms, self._progress = state
+            def call(*inner: Any, **inner_kw: Any) -> Any:
+                saved = self._step_state()
+                self._set_step_state(state)
                 for term in self._terms or []:
                     if term is not None:
                         term.cache.clear()
                 try:
-                    return module(*inner)
+                    return module(*inner, **inner_kw)
                 finally:
-                    self._terms, self._progress = saved
+                    self._set_step_state(saved)
 
-            return checkpoint(call, *args, use_reentrant=False)
+            return checkpoint(call, *args, use_reentrant=False, **kwargs)
 
         return run
+
+    def _step_state(self) -> tuple:
+        """What a block reads from the handle at one model call: the terms, the schedule position and, for
+        SD3.5's per-step resampler, the call's timestep and step count (a recomputed block sees its own)."""
+        return self._terms, self._progress, self.timestep, self.step, self.uncond
+
+    def _set_step_state(self, state: tuple) -> None:
+        self._terms, self._progress, self.timestep, self.step, self.uncond = state
 
     def text_kv(self, index: int, context: torch.Tensor,
                 compute: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -116,7 +116,7 @@ def fit_dit_spec(spec: AdapterSpec, dims: dict[str, int], transformer: nn.Module
     cross = image_cross_dim(transformer)
     kw = dict(spec.projector_kwargs)
     if spec.projector == "time_resampler" and cross != spec.cross_attention_dim:
-        kw.update(dim=cross, heads=max(1, cross // 64), dim_head=min(64, cross))
+        kw.update(dim=cross, heads=max(1, cross // 64))  # diffusers reads heads as inner width // 64
     fitted = spec.with_(embed_dim=dims.get(spec.features[0], spec.embed_dim), cross_attention_dim=cross,
                         projector_kwargs=kw, lora_rank=0, repo_id=None, subfolder=None, filename=None)
     if fitted != spec.with_(repo_id=None, subfolder=None, filename=None, lora_rank=0):
