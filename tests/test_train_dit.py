@@ -216,6 +216,8 @@ def test_dit_two_processes_give_the_adapter_of_one_process_with_twice_the_batch(
     models, spec, _, _ = _setup(run_config(tmp_path, data, base="demo-flux", adapter="flux-ip"))
     start = build_dit_adapter(spec, models.unet, 0).state_dict()
     assert one.keys() == two.keys() == start.keys()
-    for k in one:
-        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5)
+    for k in one:  # a key bias shifts every logit of a query's image softmax alike: its true gradient is 0, and
+        # Adam turns the float noise left there into steps of up to lr (1e-3), so it is held to 1e-4
+        tol = 1e-4 if k.endswith("to_k_ip.bias") else 1e-5
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=tol)
     assert max(float((one[k] - start[k]).abs().max()) for k in one) > 1e-4, "training must move the weights"
