@@ -221,3 +221,37 @@ def test_dit_two_processes_give_the_adapter_of_one_process_with_twice_the_batch(
         tol = 1e-4 if k.endswith("to_k_ip.bias") else 1e-5
         torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=tol)
     assert max(float((one[k] - start[k]).abs().max()) for k in one) > 1e-4, "training must move the weights"
+
+
+@pytest.mark.parametrize("base,adapter", [VARIANTS[0], VARIANTS[2]])
+def test_dit_cached_run_trains_as_the_live_run(tmp_path, base, adapter):
+    """The cache holds the VAE posterior, the prompt encodings and the image features (and the VAE's shift)."""
+    data = write_json_set(tmp_path / "data", 4)
+    kw = dict(base=base, adapter=adapter, steps=3, lr=1e-3)
+    live = train(run_config(tmp_path, data, out="live", **kw))
+    cached = train(run_config(tmp_path, data, out="cached", cache=str(tmp_path / "cache"), **kw))
+    torch.testing.assert_close(torch.tensor(cached.losses), torch.tensor(live.losses), rtol=1e-5, atol=1e-6)
+    a, b = _flat(live.adapter_path), _flat(cached.adapter_path)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-4 if k.endswith("to_k_ip.bias") else 1e-6)
+
+
+def test_dit_bf16_transformer_trains_an_fp32_adapter(tmp_path, monkeypatch):
+    """--mixed-precision bf16 keeps the frozen transformer in bf16 (with --gradient-checkpointing too)."""
+    from accelerate.state import AcceleratorState
+
+    data = write_json_set(tmp_path / "data", 4)
+    seen, real = {}, loop.load_models
+    monkeypatch.setattr(loop, "load_models", lambda *a, **k: seen.setdefault("m", real(*a, **k)))
+    saved = dict(AcceleratorState._shared_state)
+    AcceleratorState._shared_state.clear()  # this process's accelerate state was made for fp32 runs
+    try:
+        result = train(run_config(tmp_path, data, base="demo-sd3", adapter="sd35-ip", steps=2,
+                                  mixed_precision="bf16", gradient_checkpointing=True))
+    finally:
+        AcceleratorState._shared_state.clear()
+        AcceleratorState._shared_state.update(saved)
+    assert seen["m"][0].unet.dtype == torch.bfloat16
+    trained = _flat(result.adapter_path)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in trained.values())
+    assert all(torch.isfinite(torch.tensor(result.losses)))
