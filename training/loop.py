@@ -222,6 +222,8 @@ def build_trainer(run: Run) -> tuple[Any, Any, Any, AdapterSpec]:
     dims = {k: int(v.shape[-1]) for k, v in run.consts.negatives.items()}
     trainer: AdapterTrainer | DitTrainer
     if run.models.family in DIT_BASES:
+        if c.train_lora:
+            raise LookalikeError(f"--train-lora trains FaceID's UNet LoRA; {run.spec.name} has none, drop --train-lora")
         spec = fit_dit_spec(run.spec, dims, run.models.unet)
         adapter = build_dit_adapter(spec, run.models.unet, c.seed, c.init_from).to(run.accelerator.device)
         trainer = DitTrainer(adapter, run.models.unet, checkpointing=c.gradient_checkpointing)
