@@ -321,26 +321,27 @@ class AdapterHandle:
         block computes its image keys/values afresh, so the recomputation runs the operations of the forward."""
         from torch.utils.checkpoint import checkpoint
 
-        def run(module: nn.Module, *args: Any) -> Any:
+        def run(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
             state = self._step_state()
 
-            def call(*inner: Any) -> Any:
+            def call(*inner: Any, **inner_kw: Any) -> Any:
                 saved = self._step_state()
                 self._set_step_state(state)
                 for term in self._terms or []:
                     if term is not None:
                         term.cache.clear()
                 try:
-                    return module(*inner)
+                    return module(*inner, **inner_kw)
                 finally:
                     self._set_step_state(saved)
 
-            return checkpoint(call, *args, use_reentrant=False)
+            return checkpoint(call, *args, use_reentrant=False, **kwargs)
 
         return run
 
     def _step_state(self) -> tuple:
-        """What a block's processors read of the current step (for a recomputation in the backward pass)."""
+        """What a block reads from the handle at one model call: the terms, the step's span of the schedule,
+        the call's timestep, step count and CFG half, and the text length (a recomputed block sees its own)."""
         return self._terms, self._span, self.uncond, self.step, self.timestep, self.text_len
 
     def _set_step_state(self, state: tuple) -> None:

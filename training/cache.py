@@ -172,7 +172,8 @@ def _write_manifest(folder: Path, consts: Constants, fingerprint: dict[str, Any]
     if consts.empty_pooled is not None:
         tensors["empty_pooled"] = consts.empty_pooled
     _atomic_save(tensors, folder / CONSTANTS)
-    manifest = {"fingerprint": fingerprint, "scaling_factor": consts.scaling_factor, "records": count,
+    manifest = {"fingerprint": fingerprint, "scaling_factor": consts.scaling_factor,
+                "shift_factor": consts.shift_factor, "records": count,
                 "shards": shards, "skipped": dict(skipped)}
     tmp = folder / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps(manifest, indent=1))
@@ -197,7 +198,11 @@ def cache_constants(folder: Path, manifest: dict[str, Any]) -> Constants:
         raise _broken(folder, f"{CONSTANTS} lacks the empty caption's embedding")
     _finite(folder, CONSTANTS, t)
     negatives = {k[4:]: v for k, v in t.items() if k.startswith("neg_")}
-    return Constants(float(manifest["scaling_factor"]), t["empty_context"], t.get("empty_pooled"), negatives)
+    shift = manifest.get("shift_factor", 0.0)
+    if not isinstance(shift, (int, float)):
+        raise LookalikeError(f"{folder}: the cache manifest's shift_factor is not a number; build the cache again")
+    return Constants(float(manifest["scaling_factor"]), t["empty_context"], t.get("empty_pooled"), negatives,
+                     float(shift))
 
 
 def _shard_index(folder: Path, name: str, records: int) -> np.ndarray:

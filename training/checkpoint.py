@@ -98,11 +98,17 @@ class EMA:
                 p.copy_(s.to(p))
 
 
-def export_adapter(adapter: IPAdapter, ema: EMA | None, path: Path, info: dict[str, Any]) -> Path:
-    """Write the adapter (EMA weights when EMA is on) in the official layout with the spec in the metadata."""
+def ema_copy(adapter: IPAdapter, ema: EMA | None) -> IPAdapter:
+    """A float copy of the adapter holding the EMA weights when EMA is on (what an export writes)."""
     out = copy.deepcopy(adapter).float()
     if ema is not None:
         ema.copy_to(out)
+    return out
+
+
+def export_adapter(adapter: IPAdapter, ema: EMA | None, path: Path, info: dict[str, Any]) -> Path:
+    """Write the adapter (EMA weights when EMA is on) in the official layout with the spec in the metadata."""
+    out = ema_copy(adapter, ema)
     return save_adapter(out, path, extra_metadata={"lookalike.train": json.dumps(info, sort_keys=True)})
 
 

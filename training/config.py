@@ -12,11 +12,12 @@ from typing import Any
 from ..adapters.spec import REGISTRY
 from ..errors import LookalikeError
 from .data import TIMESTEP_BIASES
+from .flow import WEIGHTING_SCHEMES
 
 #: Projectors this trainer knows how to train (every projector of the registry).
-TRAINABLE_PROJECTORS = ("linear", "resampler", "mlp", "faceid", "faceid_plus")
+TRAINABLE_PROJECTORS = ("linear", "resampler", "mlp", "faceid", "faceid_plus", "flux_mlp", "time_resampler")
 #: ``--base`` presets built in code with random weights (no download).
-DEMO_BASES = {"demo": "sd15", "demo-sdxl": "sdxl"}
+DEMO_BASES = {"demo": "sd15", "demo-sdxl": "sdxl", "demo-flux": "flux", "demo-sd3": "sd3"}
 SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 PRECISIONS = ("no", "fp16", "bf16")
 CACHE_DTYPES = ("float32", "float16", "bfloat16")
@@ -83,6 +84,11 @@ class TrainConfig:
     validation_steps: int = 30
     num_workers: int = 2
     cpu: bool = False
+    weighting_scheme: str = "logit_normal"  # DiT flow matching: how u is drawn and the loss weighted
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    guidance: float = 1.0  # FLUX guidance-distilled models: the fixed guidance embedding value while training
 
     def to_json(self) -> str:
         """The config as JSON (saved in every checkpoint)."""
@@ -197,6 +203,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "(bitsandbytes' 8-bit AdamW: optimizer state in a quarter of the memory; needs bitsandbytes)")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--cpu", action="store_true", help="train on the CPU even where a GPU is present")
+    g = p.add_argument_group("flow matching (FLUX.1, SD3.5)")
+    g.add_argument("--weighting-scheme", default=d.weighting_scheme, choices=WEIGHTING_SCHEMES,
+                   help="timestep density and loss weight, as diffusers' SD3/FLUX scripts (default: logit_normal)")
+    g.add_argument("--logit-mean", type=float, default=d.logit_mean)
+    g.add_argument("--logit-std", type=_non_negative_float, default=d.logit_std)
+    g.add_argument("--mode-scale", type=float, default=d.mode_scale)
+    g.add_argument("--guidance", type=_non_negative_float, default=d.guidance,
+                   help="FLUX.1-dev's guidance embedding while training (default: 1)")
     g = p.add_argument_group("checkpoints and validation")
     g.add_argument("--checkpoint-every", type=_non_negative, default=d.checkpoint_every, help="0: only at the end")
     g.add_argument("--keep-checkpoints", type=_positive, default=d.keep_checkpoints, help="keep the last K")

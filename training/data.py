@@ -21,6 +21,7 @@ from torch.utils.data import Dataset, Sampler
 from ..encoders.prepare import to_clip_pixels
 from ..errors import LookalikeError
 from .faces import FaceEmbedder
+from .flow import FlowSettings, draw_u
 from .records import Record, SkipSample, read_caption, read_face_id, read_image
 
 #: How many records in a row may be unreadable before the run stops (the data is then broken, not noisy).
@@ -46,6 +47,7 @@ class DrawSettings:
     timestep_bias: str = "none"  # none | later (noisier) | earlier (cleaner), as diffusers' SDXL training script
     timestep_bias_portion: float = 0.25
     timestep_bias_multiplier: float = 1.0
+    flow: FlowSettings | None = None  # DiT flow matching: "timestep" is u in [0, 1) drawn by training/flow.py
 
 
 TIMESTEP_BIASES = ("none", "later", "earlier")
@@ -76,7 +78,9 @@ def draw(seed: int, slot: int, s: DrawSettings) -> dict[str, Any]:
     drop_image = u < s.drop_image or s.drop_image + s.drop_text <= u < s.drop_image + s.drop_text + s.drop_both
     drop_text = s.drop_image <= u < s.drop_image + s.drop_text + s.drop_both
     cdf = timestep_cdf(s)
-    if cdf is None:
+    if s.flow is not None:
+        timestep = draw_u(s.flow, g)
+    elif cdf is None:
         timestep = torch.randint(0, s.num_timesteps, (), generator=g)
     else:  # inverse CDF
         timestep = torch.searchsorted(cdf, torch.rand((), generator=g, dtype=torch.float64).reshape(1))[0].clamp(

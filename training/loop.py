@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..adapters.spec import ENCODERS, AdapterSpec
+from ..adapters.spec import DIT_BASES, ENCODERS, AdapterSpec
 from ..errors import LookalikeError
 from ..fileio import FolderLock
 from .cache import CacheSource, build_cache, cache_constants, read_manifest
@@ -25,6 +25,7 @@ from .checkpoint import (
     EMA,
     TrainState,
     check_resumable,
+    ema_copy,
     export_adapter,
     load_checkpoint,
     remove_leftovers,
@@ -33,6 +34,8 @@ from .checkpoint import (
 )
 from .config import DEMO_BASES, TrainConfig
 from .data import DrawSettings, ImageSource, SampleSource, SampleStream, make_loader, next_batch
+from .dit import DitTrainer, build_dit_adapter, export_dit, fit_dit_spec
+from .flow import FlowSettings
 from .models import (
     Models,
     base_family,
@@ -99,7 +102,7 @@ def make_accelerator(config: TrainConfig) -> Any:
 def default_resolution(config: TrainConfig, family: str) -> int:
     if config.resolution:
         return config.resolution
-    return 32 if config.base in DEMO_BASES else {"sd15": 512, "sdxl": 1024}[family]
+    return 32 if config.base in DEMO_BASES else {"sd15": 512, "sdxl": 1024, "flux": 1024, "sd3": 1024}[family]
 
 
 def split_records(records: list[Record], held_out: int) -> tuple[list[int], list[int]]:
@@ -178,6 +181,8 @@ def build_run(config: TrainConfig, accelerator: Any, models: Models | None = Non
     else:
         train_source = image_source(models, [records[i] for i in train_idx], spec, resolution, config)
         val_source = image_source(models, [records[i] for i in val_idx], spec, resolution, config) if val_idx else None
+    consts.flow = flow_settings(config)
+    consts.guidance = config.guidance
     return Run(config, accelerator, models, spec, consts, train_source, val_source, [records[i] for i in val_idx],
                resolution)
 
@@ -201,18 +206,32 @@ def draw_settings(run: Run) -> DrawSettings:
         shape = _cached_latent_shape(run.train_source)
     return DrawSettings(shape, run.models.noise_scheduler.config.num_train_timesteps,  # type: ignore[arg-type]
                         c.drop_image, c.drop_text, c.drop_both, c.noise_offset, c.timestep_bias,
-                        c.timestep_bias_portion, c.timestep_bias_multiplier)
+                        c.timestep_bias_portion, c.timestep_bias_multiplier,
+                        flow_settings(c) if run.models.family in DIT_BASES else None)
 
 
-def build_trainer(run: Run) -> tuple[AdapterTrainer, Any, Any, AdapterSpec]:
+def flow_settings(config: TrainConfig) -> FlowSettings:
+    return FlowSettings(config.weighting_scheme, config.logit_mean, config.logit_std, config.mode_scale)
+
+
+def build_trainer(run: Run) -> tuple[Any, Any, Any, AdapterSpec]:
     """The trainable adapter (sized to the models), AdamW and the learning-rate schedule."""
     from diffusers.optimization import get_scheduler
 
     c = run.config
     dims = {k: int(v.shape[-1]) for k, v in run.consts.negatives.items()}
-    spec = fit_spec(run.spec, dims, run.models.unet.config.cross_attention_dim, c.lora_rank if c.train_lora else 0)
-    adapter = build_adapter(spec, run.models.unet, c.seed, c.init_from).to(run.accelerator.device)
-    trainer = AdapterTrainer(adapter, run.models.unet, checkpointing=c.gradient_checkpointing)
+    trainer: AdapterTrainer | DitTrainer
+    if run.models.family in DIT_BASES:
+        if c.train_lora:
+            raise LookalikeError(f"--train-lora trains FaceID's UNet LoRA; {run.spec.name} has none, drop --train-lora")
+        spec = fit_dit_spec(run.spec, dims, run.models.unet)
+        adapter = build_dit_adapter(spec, run.models.unet, c.seed, c.init_from).to(run.accelerator.device)
+        trainer = DitTrainer(adapter, run.models.unet, checkpointing=c.gradient_checkpointing)
+    else:
+        spec = fit_spec(run.spec, dims, run.models.unet.config.cross_attention_dim,
+                        c.lora_rank if c.train_lora else 0)
+        adapter = build_adapter(spec, run.models.unet, c.seed, c.init_from).to(run.accelerator.device)
+        trainer = AdapterTrainer(adapter, run.models.unet, checkpointing=c.gradient_checkpointing)
     optimizer = make_optimizer(c, adapter.parameters())
     schedule = get_scheduler(c.lr_scheduler, optimizer, num_warmup_steps=c.lr_warmup_steps, num_training_steps=c.steps)
     n = sum(p.numel() for p in adapter.parameters())
@@ -273,6 +292,8 @@ def _validate(run: Run, trainer: Any, vset: Any, state: TrainState, result: Trai
         result.val_losses[state.step] = loss
         acc.log({"val_loss": loss}, step=state.step)
         log.info("step %d: held-out loss %.5f", state.step, loss)
+        if run.models.family in DIT_BASES:
+            return  # held-out loss only: validation images are generated for UNet bases
         vae = run.models.vae or move(load_vae(c), acc.device, DTYPES[c.mixed_precision])
         run.models.vae = vae
         images = validation_images(model, run.models, run.consts, vset, vae, c.validation_steps, run.resolution,
@@ -425,7 +446,10 @@ def _finish(run: Run, adapter: Any, ema: EMA | None, state: TrainState, result: 
     result.steps, result.skipped = state.step, dict(state.skipped)
     path = Path(c.output) / "adapter.safetensors"
     if acc.is_main_process:
-        export_adapter(adapter, ema, path, {**info, "step": state.step})
+        if run.models.family in DIT_BASES:
+            export_dit(ema_copy(adapter, ema), path, {**info, "step": state.step})
+        else:
+            export_adapter(adapter, ema, path, {**info, "step": state.step})
         if state.skipped:
             detail = ", ".join(f"{k} {v}" for k, v in sorted(state.skipped.items()))
             log.warning("skipped %d samples in all (%s)", sum(state.skipped.values()), detail)
