@@ -8,7 +8,11 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from .compat import quiet_torchvision_fallback  # logging only: no torch
+
 __version__ = "0.1.0"
+
+quiet_torchvision_fallback()
 
 _EXPORTS = {
     "Personalizer": "lookalike.pipeline.personalizer",

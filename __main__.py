@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from lookalike.pipeline.cli import main
+from lookalike.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -26,3 +27,26 @@ def diffusers_dtype(dtype: torch.dtype) -> dict[str, torch.dtype]:
     there and goes in 1.0, where it would be ignored, loading fp32), ``torch_dtype`` before (which ignores
     ``dtype``)."""
     return {"dtype" if _at_least("diffusers", "0.40") else "torch_dtype": dtype}
+
+
+#: The one message silenced by :func:`quiet_torchvision_fallback` (transformers >= 5 without torchvision).
+_TORCHVISION_FALLBACK = "requires torchvision (not installed); falling back to"
+
+
+class TorchvisionFallbackFilter(logging.Filter):
+    """Drops transformers' notice that an image processor falls back to its PIL twin without torchvision."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return _TORCHVISION_FALLBACK not in record.getMessage()
+
+
+def quiet_torchvision_fallback() -> None:
+    """Silence transformers' torchvision-fallback notice, once per process.
+
+    lookalike never uses torchvision (its encoders prepare pixels themselves), so the notice, printed once per
+    processor class whenever diffusers or transformers imports one, says nothing a user can act on. Only that
+    message is dropped, on the one logger that emits it; every other transformers message is untouched.
+    """
+    logger = logging.getLogger("transformers.utils.import_utils")
+    if not any(type(f).__name__ == TorchvisionFallbackFilter.__name__ for f in logger.filters):
+        logger.addFilter(TorchvisionFallbackFilter())

@@ -4,7 +4,8 @@
     accelerate launch --num_processes 8 -m lookalike.train_encoder --base stable-diffusion-v1-5/... ...
 
 Trains the projector and ``to_k_ip``/``to_v_ip`` of an IP-Adapter variant on a frozen SD1.5/SDXL model
-(recipe of Ye et al. 2023), checkpoints atomically, resumes bit-identically, exports the official layout.
+(recipe of Ye et al. 2023), with ``--train-lora`` also FaceID's attention LoRA, checkpoints atomically, resumes
+bit-identically, exports the official layout.
 Flags -> :class:`~lookalike.training.config.TrainConfig` -> :func:`~lookalike.training.loop.train`.
 """
 

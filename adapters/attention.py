@@ -32,6 +32,22 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     return out.transpose(1, 2).reshape(b, n, h * d).to(q.dtype)  # (B, L, heads*d)
 
 
+def attention_with_probs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`attention` computed explicitly, also returning ``softmax(QK^T / sqrt(d))`` ``(B, heads, L, S)``.
+
+    For layers whose probabilities are recorded (auto layout): one attention, not SDPA plus a second one; it
+    materialises the probabilities (float32) instead of using a fused kernel.
+    """
+    b, h, n, d = q.shape
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * d ** -0.5
+    if mask is not None:
+        scores = scores + mask.float()
+    probs = scores.softmax(dim=-1)  # (B, heads, L, S)
+    out = torch.matmul(probs.to(v.dtype), v)
+    return out.transpose(1, 2).reshape(b, n, h * d).to(q.dtype), probs
+
+
 def _with_lora(base: torch.Tensor, x: torch.Tensor, loras: list[tuple[float, torch.nn.Module]]) -> torch.Tensor:
     for scale, lora in loras:
         base = base + scale * lora(x).to(base.dtype)
@@ -55,7 +71,9 @@ class DecoupledAttnProcessor:
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None) -> torch.Tensor:
         loras = self.handle.loras_at(self.layer.index)
         active = self.handle.active_at(self.layer)
-        if not loras and not active:
+        recorder = self.handle.recorder
+        record = recorder is not None and recorder.wants(self.layer)
+        if not loras and not active and not record:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
 
         residual = hidden_states
@@ -88,8 +106,12 @@ class DecoupledAttnProcessor:
             context = encoder_hidden_states
             key, value = self.handle.text_kv(
                 self.layer.index, context, lambda: _text_kv(attn, context, lk, lv, batch_size, head_dim))
-        backend = self.backend if attention_mask is None else "sdpa"
-        hidden_states = attention(query, key, value, attention_mask, backend)  # (B, N, inner)
+        if record:  # auto layout: this layer's text attention probabilities are recorded (adapters/layout.py)
+            hidden_states, probs = attention_with_probs(query, key, value, attention_mask)
+            recorder.record(self.layer, probs)
+        else:
+            backend = self.backend if attention_mask is None else "sdpa"
+            hidden_states = attention(query, key, value, attention_mask, backend)  # (B, N, inner)
 
         for term in active:
             for k_ip, v_ip, scale, region in term.pieces(self.layer, attn.heads, head_dim, batch_size,
@@ -121,9 +143,14 @@ def _text_kv(attn, context: torch.Tensor, lk: list, lv: list, batch_size: int, h
 
 
 def ip_kv(layer: IPLayer, tokens: torch.Tensor, heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Image tokens ``(B, L, C)`` -> this layer's image keys and values ``(B, heads, L, d)``."""
+    """Image tokens ``(B, L, C)`` -> this layer's image keys and values ``(B, heads, L, d)``.
+
+    With ``layer.norm_kv`` both are RMS-normalised per head without weights (InstantX FLUX, eps 1e-5).
+    """
     b = tokens.shape[0]
     tokens = tokens.to(layer.to_k_ip.weight.dtype)
     k = layer.to_k_ip(tokens).view(b, -1, heads, head_dim).transpose(1, 2)
     v = layer.to_v_ip(tokens).view(b, -1, heads, head_dim).transpose(1, 2)
+    if getattr(layer, "norm_kv", False):
+        k, v = F.rms_norm(k, (head_dim,), eps=1e-5), F.rms_norm(v, (head_dim,), eps=1e-5)
     return k, v

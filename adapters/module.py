@@ -18,13 +18,21 @@ from .spec import AdapterSpec
 
 @dataclass(frozen=True)
 class AttnLayer:
-    """An attention layer of a UNet: official index (position in ``unet.attn_processors``) and sizes."""
+    """An attention layer of a UNet or DiT: official index (position in ``model.attn_processors``) and sizes.
+
+    ``family`` is the processor family: ``"unet"`` (cross/self-attention), ``"flux_double"``,
+    ``"flux_single"`` or ``"sd3_joint"``. DiT layers attend jointly over text and image tokens, so all of
+    them count as ``is_cross`` (they may take image attention); ``context_dim`` is then the width image
+    tokens come in (FLUX: the T5 width its adapters project to; SD3: the block width).
+    """
 
     index: int
     name: str  # processor name, e.g. "down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor"
     hidden: int  # width of the layer's keys/values (attn.to_k.out_features)
     context_dim: int  # width of what keys are computed from (attn.to_k.in_features)
     is_cross: bool
+    family: str = "unet"
+    heads: int = 0
 
 
 def _same_features(a: Features, b: Features) -> bool:
@@ -39,14 +47,36 @@ def _version(t: torch.Tensor) -> int | None:
     return None if t.is_inference() else t._version
 
 
-def attention_layers(unet: nn.Module) -> list[AttnLayer]:
-    """Every attention layer of a diffusers UNet, with sizes read from the modules themselves."""
+def model_family(model: nn.Module) -> str:
+    """``"unet"``, ``"flux"`` or ``"sd3"``: which denoiser ``model`` is (read from its modules)."""
+    if hasattr(model, "single_transformer_blocks"):
+        return "flux"
+    if hasattr(model, "transformer_blocks") and hasattr(model, "context_embedder") and hasattr(model, "pos_embed"):
+        return "sd3"
+    return "unet"
+
+
+def attention_layers(model: nn.Module) -> list[AttnLayer]:
+    """Every attention layer of a diffusers UNet or FLUX/SD3 transformer, sizes read from the modules."""
+    family = model_family(model)
     layers = []
-    for index, name in enumerate(unet.attn_processors):
-        attn = unet.get_submodule(name.removesuffix(".processor"))
-        is_cross = bool(getattr(attn, "is_cross_attention", False)) and "motion_modules" not in name
-        layers.append(AttnLayer(index, name, attn.to_k.out_features, attn.to_k.in_features, is_cross))
+    for index, name in enumerate(model.attn_processors):
+        attn = model.get_submodule(name.removesuffix(".processor"))
+        hidden = attn.to_k.out_features
+        if family == "unet":
+            is_cross = bool(getattr(attn, "is_cross_attention", False)) and "motion_modules" not in name
+            layers.append(AttnLayer(index, name, hidden, attn.to_k.in_features, is_cross))
+        elif family == "flux":
+            kind = "flux_single" if name.startswith("single_transformer_blocks.") else "flux_double"
+            layers.append(AttnLayer(index, name, hidden, model.context_embedder.in_features, True, kind, attn.heads))
+        else:
+            layers.append(AttnLayer(index, name, hidden, hidden, True, "sd3_joint", attn.heads))
     return layers
+
+
+def takes_image(spec: AdapterSpec, layer: AttnLayer) -> bool:
+    """Whether ``spec`` adds image attention at ``layer`` (UNet: cross-attention; DiT: its named blocks)."""
+    return layer.is_cross and (layer.family in spec.blocks if spec.blocks else layer.family == "unet")
 
 
 class LoRALinear(nn.Module):
@@ -66,11 +96,13 @@ class LoRALinear(nn.Module):
 class IPLayer(nn.Module):
     """What one adapter adds to one attention layer: ``to_k_ip``/``to_v_ip`` and/or a LoRA."""
 
-    def __init__(self, layer: AttnLayer, cross_attention_dim: int, ip: bool, lora_rank: int) -> None:
+    def __init__(self, layer: AttnLayer, cross_attention_dim: int, ip: bool, lora_rank: int,
+                 bias: bool = False, norm_kv: bool = False) -> None:
         super().__init__()
+        self.norm_kv = norm_kv  # RMS-normalise image keys and values per head (InstantX FLUX)
         if ip:
-            self.to_k_ip = nn.Linear(cross_attention_dim, layer.hidden, bias=False)
-            self.to_v_ip = nn.Linear(cross_attention_dim, layer.hidden, bias=False)
+            self.to_k_ip = nn.Linear(cross_attention_dim, layer.hidden, bias=bias)
+            self.to_v_ip = nn.Linear(cross_attention_dim, layer.hidden, bias=bias)
         if lora_rank:
             h, c = layer.hidden, layer.context_dim
             self.to_q_lora = LoRALinear(h, h, lora_rank)
@@ -87,6 +119,16 @@ class IPLayer(nn.Module):
         return hasattr(self, "to_q_lora")
 
 
+def make_ip_layer(spec: AdapterSpec, layer: AttnLayer, ip: bool, lora_rank: int) -> nn.Module:
+    """The per-layer module of ``spec`` at ``layer``: an :class:`IPLayer`, or SD3.5's with its norms."""
+    if ip and layer.family == "sd3_joint":
+        from .dit_layers import SD3IPLayer
+
+        return SD3IPLayer(layer, spec.cross_attention_dim, spec.projector_kwargs.get("dim", 1280))
+    return IPLayer(layer, spec.cross_attention_dim, ip, lora_rank, bias=spec.ip_bias,
+                   norm_kv=spec.flavor == "instantx")
+
+
 class IPAdapter(nn.Module):
     """An adapter for one UNet: ``image_proj`` (features -> tokens) and ``ip_adapter[str(i)]`` per layer."""
 
@@ -98,24 +140,30 @@ class IPAdapter(nn.Module):
         self.lora_scale = 1.0
         use_lora = bool(spec.lora_rank) if lora is None else lora
         self.image_proj = build_projector(spec)
-        cross = [layer for layer in layers if layer.is_cross]
-        for layer in cross:
+        image = [layer for layer in layers if takes_image(spec, layer)]
+        if not image:
+            raise CheckpointMismatchError(f"{spec.name} is for {spec.base} models; this model has none of the "
+                                          f"attention layers it attaches to; pick an adapter for this base model")
+        for layer in image:
             if layer.context_dim != spec.cross_attention_dim:
                 raise CheckpointMismatchError(
-                    f"{spec.name} makes {spec.cross_attention_dim}-d image tokens but the UNet's cross-attention "
+                    f"{spec.name} makes {spec.cross_attention_dim}-d image tokens but the model's attention "
                     f"takes {layer.context_dim}-d context (layer {layer.name}); pick an adapter for this base model"
                 )
         self.ip_adapter = nn.ModuleDict()
         for layer in layers:
-            if layer.is_cross or use_lora:
+            ip = takes_image(spec, layer)
+            if ip or (use_lora and layer.family == "unet"):
                 rank = spec.lora_rank if use_lora else 0
-                self.ip_adapter[str(layer.index)] = IPLayer(layer, spec.cross_attention_dim, layer.is_cross, rank)
+                self.ip_adapter[str(layer.index)] = make_ip_layer(spec, layer, ip, rank)
         self.to(device=device, dtype=dtype)
 
     @classmethod
     def for_unet(cls, spec: AdapterSpec, unet: nn.Module, **kwargs) -> IPAdapter:
-        """Build (random weights) an adapter whose layers match ``unet``."""
+        """Build (random weights) an adapter whose layers match ``unet`` (a UNet or a FLUX/SD3 transformer)."""
         return cls(spec, attention_layers(unet), **kwargs)
+
+    for_model = for_unet
 
     @property
     def has_lora(self) -> bool:

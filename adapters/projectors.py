@@ -175,6 +175,22 @@ class FaceIDPlusProjModel(FaceIDProjModel):
         return ids + self.s_scale * out if self.shortcut else out
 
 
+class FluxMLPProjModel(FaceIDProjModel):
+    """InstantX FLUX.1-dev IP-Adapter: pooled SigLIP embedding -> 2x-wide GELU MLP -> ``num_tokens`` tokens.
+
+    The same layers as :class:`FaceIDProjModel` (``proj.0``, ``proj.2``, ``norm``) fed the pooled feature.
+    """
+
+    def forward(self, features: Features) -> torch.Tensor:
+        return self.id_tokens(features["pooled"])
+
+
+def _time_resampler(*args, **kwargs) -> nn.Module:
+    from .dit_layers import TimeResampler
+
+    return TimeResampler(*args, **kwargs)
+
+
 PROJECTORS: dict[str, Callable[..., nn.Module]] = {
     "linear": ImageProjModel,
     "resampler": Resampler,
@@ -182,6 +198,8 @@ PROJECTORS: dict[str, Callable[..., nn.Module]] = {
     "mlp": MLPProjModel,
     "faceid": FaceIDProjModel,
     "faceid_plus": FaceIDPlusProjModel,
+    "flux_mlp": FluxMLPProjModel,
+    "time_resampler": _time_resampler,
 }
 
 

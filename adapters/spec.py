@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from ..errors import LookalikeError
 
-Base = Literal["sd15", "sdxl"]
+Base = Literal["sd15", "sdxl", "flux", "sd3"]
+#: Base models whose denoiser is a transformer (DiT) rather than a UNet.
+DIT_BASES = ("flux", "sd3")
 #: Feature kinds an encoder produces: CLIP pooled embedding, CLIP penultimate patch tokens, ArcFace id.
 FEATURE_KINDS = ("pooled", "patch", "face_id")
 #: The official unconditional input of each feature: zeros, or the encoder run on an all-zero pixel tensor.
@@ -23,7 +25,7 @@ class EncoderSpec:
     """Where an image encoder lives and what it gives: widths of its pooled and patch features."""
 
     name: str
-    kind: Literal["clip", "face"]
+    kind: Literal["clip", "face", "siglip"]
     repo_id: str | None
     subfolder: str | None
     pooled_dim: int = 0
@@ -40,6 +42,10 @@ ENCODERS: dict[str, EncoderSpec] = {
     ),
     "insightface-buffalo_l": EncoderSpec("insightface-buffalo_l", "face", None, None, 512, 0, 0),
     "insightface-antelopev2": EncoderSpec("insightface-antelopev2", "face", None, None, 512, 0, 0),
+    "clip-vit-l-14": EncoderSpec("clip-vit-l-14", "clip", "openai/clip-vit-large-patch14", None, 768, 1024, 257),
+    "siglip-so400m-14-384": EncoderSpec(
+        "siglip-so400m-14-384", "siglip", "google/siglip-so400m-patch14-384", None, 1152, 1152, 729
+    ),
 }
 
 
@@ -50,7 +56,13 @@ class AdapterSpec:
     ``features`` are the encoder outputs the projector eats, in order (``("face_id", "patch")`` for
     FaceID-Plus). ``embed_dim`` is the width of the first feature and ``clip_dim`` the width of CLIP
     patch tokens where a second feature is used. The unconditional input follows from the features
-    (:data:`NEGATIVE_RULE`).
+    (:data:`NEGATIVE_RULE`) unless ``negative`` names a rule for every feature (SD3.5's is ``"zeros"``).
+
+    DiT variants name the attention ``blocks`` that get image attention (``"flux_double"``,
+    ``"flux_single"``, ``"sd3_joint"``; empty: a UNet's cross-attention layers) and whether the image
+    key/value projections carry a bias (``ip_bias``, as XLabs' FLUX adapters do); ``flavor`` says where the
+    image term enters a block, after the published code (``"xlabs"`` or ``"instantx"``; see
+    :mod:`.dit_attention`).
     """
 
     name: str
@@ -72,6 +84,10 @@ class AdapterSpec:
     description: str = ""
     controlnet_subfolder: str | None = None  # InstantID: the IdentityNet ControlNet beside the adapter file
     default_scale: float = 1.0  # the adapter's scale when generate() is given none (the authors' default)
+    blocks: tuple[str, ...] = ()
+    ip_bias: bool = False
+    negative: str = ""
+    flavor: str = ""
 
     @property
     def feature(self) -> str:
@@ -83,17 +99,99 @@ class AdapterSpec:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> AdapterSpec:
-        """Inverse of :meth:`to_json`; unknown fields from newer versions are ignored."""
-        data = json.loads(text)
+    def from_json(cls, text: str, source: str = "the metadata") -> AdapterSpec:
+        """Inverse of :meth:`to_json`, checked against :data:`SPEC_SCHEMA` (types and ranges) before use;
+        unknown fields from newer versions are ignored. ``source`` names where the text came from."""
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, RecursionError, TypeError):
+            raise LookalikeError(f"the adapter spec in {source} is not JSON; the file is damaged or was edited: "
+                                 f"re-create it, or pass the variant explicitly (spec=, --adapter NAME)") from None
+        if not isinstance(data, dict):
+            raise LookalikeError(f"the adapter spec in {source} is not a JSON object; the file is damaged or was "
+                                 f"edited")
         known = {f for f in cls.__dataclass_fields__}
         data = {k: v for k, v in data.items() if k in known}
+        problem = spec_problem(data)
+        if problem:
+            raise LookalikeError(f"the adapter spec in {source} is invalid: {problem}; the file is damaged or was "
+                                 f"edited: re-create it, or pass the variant explicitly (spec=, --adapter NAME)")
         data["features"] = tuple(data["features"])
+        data["blocks"] = tuple(data.get("blocks", ()))
         return cls(**data)
+
+    def negative_rule(self, feature: str) -> str:
+        """How the unconditional input of ``feature`` is made: ``"zeros"`` or ``"encode_zeros"``."""
+        return self.negative or NEGATIVE_RULE[feature]
 
     def with_(self, **changes: Any) -> AdapterSpec:
         """A copy with some fields changed."""
         return replace(self, **changes)
+
+
+#: Largest sizes a spec may name (well above every official variant; a file claiming more is damaged).
+MAX_TOKENS = 4096
+MAX_WIDTH = 16384
+MAX_KWARG = 16384
+MAX_LORA_RANK = 4096
+#: The features each projector reads (a spec naming others would fail at the first generation).
+PROJECTOR_FEATURES: dict[str, tuple[str, ...]] = {
+    "linear": ("pooled",), "resampler": ("patch",), "mlp": ("patch",), "faceid": ("face_id",),
+    "faceid_plus": ("face_id", "patch"),
+}
+
+
+def _int_in(low: int, high: int) -> Any:
+    return lambda v: type(v) is int and low <= v <= high
+
+
+def _optional_str(v: Any) -> bool:
+    return v is None or (isinstance(v, str) and len(v) <= 1000)
+
+
+#: Field -> (check, what it must be): the schema of a spec read from a file.
+SPEC_SCHEMA: dict[str, tuple[Any, str]] = {
+    "name": (lambda v: isinstance(v, str) and 0 < len(v) <= 200, "a name of 1 to 200 characters"),
+    "base": (lambda v: v in get_args(Base), f"one of {list(get_args(Base))}"),
+    "projector": (lambda v: isinstance(v, str) and 0 < len(v) <= 100, "a projector name"),
+    "features": (lambda v: isinstance(v, (list, tuple)) and 0 < len(v) <= len(FEATURE_KINDS)
+                 and len(set(v)) == len(v) and all(f in FEATURE_KINDS for f in v),
+                 f"a list of distinct feature kinds from {list(FEATURE_KINDS)}"),
+    "encoder": (lambda v: isinstance(v, str) and all(n in ENCODERS for n in v.split("+")),
+                f"encoder names from {list(ENCODERS)} joined by '+'"),
+    "num_tokens": (_int_in(1, MAX_TOKENS), f"a whole number from 1 to {MAX_TOKENS}"),
+    "embed_dim": (_int_in(1, MAX_WIDTH), f"a whole number from 1 to {MAX_WIDTH}"),
+    "cross_attention_dim": (_int_in(1, MAX_WIDTH), f"a whole number from 1 to {MAX_WIDTH}"),
+    "projector_kwargs": (lambda v: isinstance(v, dict) and len(v) <= 32 and all(
+        isinstance(k, str) and type(x) in (int, float, bool) and 0 <= x <= MAX_KWARG for k, x in v.items()),
+        f"a mapping of names to numbers from 0 to {MAX_KWARG} or flags"),
+    "repo_id": (_optional_str, "a string or null"),
+    "subfolder": (_optional_str, "a string or null"),
+    "filename": (_optional_str, "a string or null"),
+    "short_name": (_optional_str, "a string or null"),
+    "description": (lambda v: isinstance(v, str) and len(v) <= 10_000, "a string"),
+    "lora_rank": (_int_in(0, MAX_LORA_RANK), f"a whole number from 0 to {MAX_LORA_RANK}"),
+    "shortcut": (lambda v: type(v) is bool, "true or false"),
+    "face_normed": (lambda v: type(v) is bool, "true or false"),
+}
+REQUIRED_FIELDS = ("name", "base", "projector", "features", "encoder", "num_tokens", "embed_dim",
+                   "cross_attention_dim")
+
+
+def spec_problem(data: dict[str, Any]) -> str | None:
+    """The first way ``data`` (a spec's fields, as read from JSON) breaks :data:`SPEC_SCHEMA`, or None."""
+    missing = [k for k in REQUIRED_FIELDS if k not in data]
+    if missing:
+        return f"it lacks the field {missing[0]!r}"
+    for key, value in data.items():
+        check, what = SPEC_SCHEMA.get(key, (lambda v: True, ""))
+        if not check(value):
+            shown = repr(value)
+            return f"{key} is {shown[:60] + '...' if len(shown) > 60 else shown}, not {what}"
+    wanted = PROJECTOR_FEATURES.get(data["projector"])
+    if wanted is not None and tuple(data["features"]) != wanted:
+        return f"the {data['projector']} projector reads {list(wanted)} features, not {list(data['features'])}"
+    return None
 
 
 REGISTRY: dict[str, AdapterSpec] = {}
@@ -211,6 +309,34 @@ register(AdapterSpec(
     short_name="instantid", controlnet_subfolder="ControlNetModel", default_scale=0.8,
     description="ArcFace id -> 16 tokens, with IdentityNet on the face keypoints",
 ))
+
+
+def _register_dit() -> None:
+    """FLUX.1 and SD3.5 adapters, read as diffusers' loaders (and InstantX's published code) read them."""
+    for spec in (
+        AdapterSpec("flux-ip", "flux", "linear", ("pooled",), "clip-vit-l-14", 4, 768, 4096,
+                    repo_id="XLabs-AI/flux-ip-adapter", filename="ip_adapter.safetensors", short_name="basic",
+                    blocks=("flux_double",), ip_bias=True, flavor="xlabs",
+                    description="XLabs: pooled CLIP ViT-L/14 -> 4 tokens, 19 double-stream blocks"),
+        AdapterSpec("flux-ip-v2", "flux", "linear", ("pooled",), "clip-vit-l-14", 16, 768, 4096,
+                    repo_id="XLabs-AI/flux-ip-adapter-v2", filename="ip_adapter.safetensors", short_name="v2",
+                    blocks=("flux_double",), ip_bias=True, flavor="xlabs",
+                    description="XLabs v2: pooled CLIP ViT-L/14 -> 16 tokens, 19 double-stream blocks"),
+        AdapterSpec("flux-ip-instantx", "flux", "flux_mlp", ("pooled",), "siglip-so400m-14-384", 128, 1152, 4096,
+                    {"mult": 2}, repo_id="InstantX/FLUX.1-dev-IP-Adapter", filename="ip-adapter.bin",
+                    short_name="instantx", blocks=("flux_double", "flux_single"), flavor="instantx",
+                    description="InstantX: pooled SigLIP so400m -> MLP -> 128 tokens, all 57 blocks"),
+        AdapterSpec("sd35-ip", "sd3", "time_resampler", ("patch",), "siglip-so400m-14-384", 64, 1152, 2432,
+                    {"dim": 1280, "depth": 4, "dim_head": 64, "heads": 20, "ff_mult": 4, "timestep_in_dim": 320,
+                     "timestep_flip_sin_to_cos": True, "timestep_freq_shift": 0},
+                    repo_id="InstantX/SD3.5-Large-IP-Adapter", filename="ip-adapter.bin", short_name="ip",
+                    blocks=("sd3_joint",), negative="zeros", flavor="instantx",
+                    description="InstantX: SigLIP so400m tokens -> timestep-conditioned resampler, 64 tokens"),
+    ):
+        register(spec)
+
+
+_register_dit()
 
 
 def get_spec(name: str, base: Base | None = None) -> AdapterSpec:

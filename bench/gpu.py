@@ -6,6 +6,7 @@ Full-size SD1.5 (random weights; nothing is downloaded) at 512 px, 30 steps, fp1
 
     python bench/gpu.py                # on a lent GPU: the whole table in one call
     python bench/gpu.py --tiny         # anywhere, seconds
+    python bench/gpu.py --flux         # FLUX.1-dev, bf16, 1024 px, 28 steps (bench/gpu_flux.py; --tiny works too)
 """
 
 from __future__ import annotations
@@ -178,6 +179,13 @@ def reduced_precision(args: argparse.Namespace, device: str, out: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--flux" in argv:
+        from gpu_flux import main as flux_main
+
+        return flux_main([a for a in argv if a != "--flux"])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--sdxl", action="store_true", help="also SDXL at 1024 px")

@@ -8,6 +8,7 @@ and runs are interleaved so drift hits every mode alike. Prints medians and rati
 
     python bench/overhead.py                 # full-size SD1.5, 32x32 latents (256 px), CPU
     python bench/overhead.py --tiny --runs 1 # smoke run on a tiny UNet
+    python bench/overhead.py --base flux     # FLUX.1 at full width, fewer blocks (bench/overhead_flux.py)
 """
 
 from __future__ import annotations
@@ -169,6 +170,19 @@ def timed(fn: Callable[[], None], device: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--base" in argv:  # --base flux: the DiT benchmark (--base sd15 is this one)
+        at = argv.index("--base")
+        base = argv[at + 1] if at + 1 < len(argv) else ""
+        del argv[at:at + 2]
+        if base == "flux":
+            from overhead_flux import main as flux_main
+
+            return flux_main(argv)
+        if base != "sd15":
+            raise SystemExit(f"--base {base!r}: choose sd15 or flux")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="tiny UNet smoke run")
     parser.add_argument("--runs", type=int, default=6)

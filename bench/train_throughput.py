@@ -13,6 +13,7 @@ Each arm runs in its own process, so each peak RSS (``resource.getrusage`` ru_ma
 
     python bench/train_throughput.py                # 256 px, batch 2, 1 warm-up + 3 timed steps per arm
     python bench/train_throughput.py --arms official,live   # lookalike without the cache (same work as official)
+    python bench/train_throughput.py --base flux            # FLUX.1 at full width, fewer blocks (train_throughput_flux)
 """
 
 from __future__ import annotations
@@ -303,7 +304,14 @@ def worker(args: argparse.Namespace) -> None:
     baseline = psutil.Process().memory_info().rss
     work = Path(args.work)
     data = work / "data" / "data.json"
-    out = run_official(args, data) if args.worker == "official" else run_lookalike(args, data, work, args.worker)
+    if args.base == "flux":
+        from train_throughput_flux import run_flux_arm
+
+        out = run_flux_arm(args, data, work, args.worker)
+    elif args.worker == "official":
+        out = run_official(args, data)
+    else:
+        out = run_lookalike(args, data, work, args.worker)
     out.update(peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, baseline_rss=baseline)
     Path(args.json_out).write_text(json.dumps(out))
 
@@ -321,13 +329,16 @@ def run_arm(arm: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     out = work / f"{arm}.json"
     flags = ["--resolution", str(args.resolution), "--batch-size", str(args.batch_size), "--steps", str(args.steps),
              "--warmup", str(args.warmup), "--threads", str(args.threads), "--worker", arm, "--work", str(work),
-             "--json-out", str(out)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+             "--json-out", str(out), "--base", args.base, "--double", str(args.double), "--single", str(args.single),
+             "--t5-layers", str(args.t5_layers), "--max-sequence-length", str(args.max_sequence_length)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join((str(ROOT.parent), str(ROOT / "bench"),
+                                                        os.environ.get("PYTHONPATH", ""))),
            "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     done = subprocess.run([sys.executable, __file__, *flags], env=env, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"the {arm} arm failed:\n{done.stderr[-4000:]}")
-    return summarise(ARMS[arm], json.loads(out.read_text()), args.batch_size)
+    label = "plain loop (encodes every step)" if arm == "official" and args.base == "flux" else ARMS[arm]
+    return summarise(label, json.loads(out.read_text()), args.batch_size)
 
 
 def main() -> None:
@@ -339,6 +350,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads per arm (1: steady CPU-time figures)")
     p.add_argument("--arms", default="official,build,cache",
                    help="comma-separated, in order, from: " + ", ".join(ARMS) + " (live: lookalike without the cache)")
+    p.add_argument("--base", choices=("sd15", "flux"), default="sd15", help="flux: FLUX.1 full width, flux-ip")
+    p.add_argument("--double", type=int, default=1, help="FLUX double-stream blocks (19 in FLUX.1)")
+    p.add_argument("--single", type=int, default=2, help="FLUX single-stream blocks (38 in FLUX.1)")
+    p.add_argument("--t5-layers", type=int, default=2, help="T5 encoder layers at T5-XXL width (24 in FLUX.1)")
+    p.add_argument("--max-sequence-length", type=int, default=128, help="FLUX T5 tokens (512 in FLUX.1-dev)")
     p.add_argument("--worker", choices=tuple(ARMS), help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     p.add_argument("--json-out", help=argparse.SUPPRESS)
@@ -358,7 +374,9 @@ def main() -> None:
 
 
 def report(rows: dict[str, dict[str, Any]], args: argparse.Namespace, load: tuple[float, float]) -> None:
-    print(f"SD1.5 full size, random weights, {args.resolution} px, batch {args.batch_size}, CPU ({os.cpu_count()} "
+    model = ("SD1.5 full size" if args.base == "sd15" else f"FLUX.1 full width ({args.double} double + {args.single} "
+             f"single blocks, T5-XXL width x{args.t5_layers} layers, {args.max_sequence_length} tokens), flux-ip")
+    print(f"{model}, random weights, {args.resolution} px, batch {args.batch_size}, CPU ({os.cpu_count()} "
           f"cores, {args.threads} torch thread(s)); median of {args.steps} steps after {args.warmup} warm-up; "
           f"load average {load[0]:.1f} before, {load[1]:.1f} after")
     print(f"{'arm':44s} {'samples/s':>10s} {'s/step':>8s} {'samples/cpu-s':>14s} {'peak RSS GB':>12s} "

@@ -219,9 +219,7 @@ class FaceEncoder:
 
     def _detect(self, bgr: np.ndarray) -> list[Detection]:
         """Run the detector and list the faces left to right."""
-        boxes, kps = self.detector.detect(bgr)  # (N, 5), (N, 5, 2)
-        found = [Detection(box[:4].copy(), points.copy(), float(box[4])) for box, points in zip(boxes, kps)]
-        return sorted(found, key=lambda face: (float(face.bbox[0]), float(face.bbox[1])))
+        return _left_to_right(self.detector, bgr)
 
     def _align(self, bgr: np.ndarray, found: Detection) -> FaceCrop:
         """Warp the face onto ArcFace's template (insightface's norm_crop) and embed the 112 px crop."""
@@ -250,6 +248,43 @@ def _check_crop(crop: str) -> None:
     """Refuse an unknown crop mode (face encoders take it for the common interface; alignment sets the crop)."""
     if crop not in CROP_MODES:
         raise LookalikeError(f"unknown crop mode {crop!r}; use one of {', '.join(CROP_MODES)}")
+
+
+def build_detector(
+    model_dir: str | os.PathLike[str] | None = None,
+    *,
+    name: str = DEFAULT_PACK,
+    root: str | os.PathLike[str] | None = None,
+    detector: DetectorName = "insightface",
+    yunet_model: str | os.PathLike[str] | None = None,
+    providers: Sequence[Any] | None = None,
+    ctx_id: int = 0,
+    det_size: tuple[int, int] = (640, 640),
+    det_thresh: float = 0.5,
+) -> FaceDetector:
+    """The detector alone, as :meth:`FaceEncoder.from_folder` picks it (no recognition model is loaded)."""
+    if detector not in DETECTORS:
+        raise LookalikeError(f"unknown face detector {detector!r}; use one of {', '.join(DETECTORS)}")
+    if detector == "yunet":
+        if yunet_model is None:
+            raise LookalikeError("detector='yunet' needs yunet_model, the path of a YuNet ONNX file")
+        return YuNetDetector(yunet_model, det_size=det_size, det_thresh=det_thresh)
+    folder = model_folder(model_dir, name=name, root=root)
+    providers = list(providers) if providers is not None else default_providers()
+    models = load_pack(folder, name, need_detector=True, providers=providers)
+    return InsightFaceDetector(models["detection"], det_size=det_size, det_thresh=det_thresh, ctx_id=ctx_id)
+
+
+def find_faces(detector: FaceDetector, image: ImageSource) -> list[Detection]:
+    """Every face the detector finds in one image, left to right (the order ``face_index`` counts)."""
+    return _left_to_right(detector, _to_bgr(image))
+
+
+def _left_to_right(detector: FaceDetector, bgr: np.ndarray) -> list[Detection]:
+    """Run the detector on a BGR image and sort its faces by box left edge, then top."""
+    boxes, kps = detector.detect(bgr)  # (N, 5), (N, 5, 2)
+    found = [Detection(box[:4].copy(), points.copy(), float(box[4])) for box, points in zip(boxes, kps)]
+    return sorted(found, key=lambda face: (float(face.bbox[0]), float(face.bbox[1])))
 
 
 def _to_bgr(image: ImageSource) -> np.ndarray:

@@ -36,6 +36,10 @@ OPENAI_CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.2757771
 MAX_PIXELS: int = 2 * 89_478_485
 #: Reference photos smaller than this on a side carry no usable subject (a 1x1 image, an icon).
 MIN_REFERENCE_SIDE = 16
+#: Most memory one image may need while it is decoded and converted to RGB (checked from its header).
+MAX_DECODE_BYTES: int = 1 << 30
+#: A JPEG too large to decode whole is reduced while decoding (DCT scaling) to no less than this per side.
+JPEG_DRAFT_SIDE = 2048
 
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 _HIGH_DEPTH_MODES = {"I", "F", "I;16", "I;16L", "I;16B", "I;16N"}
@@ -77,7 +81,10 @@ def _open_file(path: Path, max_pixels: int | None) -> Image.Image:
             # Size is checked below against max_pixels, so Pillow's own warning is only noise.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as image:
+                if decode_bytes(image) > MAX_DECODE_BYTES and image.format == "JPEG":
+                    image.draft(image.mode, (JPEG_DRAFT_SIDE, JPEG_DRAFT_SIDE))  # decode at 1/2, 1/4 or 1/8
                 _check_size(image, f"image '{path}'", max_pixels)  # header only: before decoding pixels
+                _check_memory(image, f"image '{path}'")
                 image.load()
                 # Transpose while the file is open: TIFF keeps its orientation tag on the file object.
                 return _upright(image)  # a new image, independent of the file
@@ -117,6 +124,39 @@ def _check_size(image: Image.Image, label: str, max_pixels: int | None) -> None:
         )
 
 
+def decode_bytes(image: Image.Image) -> int:
+    """Peak bytes to decode ``image`` (from its header), keep an upright copy and convert it to RGB.
+
+    Pillow holds 1 byte per pixel for ``1``/``L``/``P``, 2 for 16-bit greyscale and 4 for everything else;
+    16/32-bit greyscale is rescaled through float32 (about 14 bytes per pixel) and transparency is composited
+    over white (about 16).
+    """
+    mode = image.mode
+    stored = 1 if mode in {"1", "L", "P"} else 2 if mode.startswith("I;16") else 4
+    if mode == "RGB":
+        convert = 2  # no conversion; a margin for the allocator
+    elif mode in _HIGH_DEPTH_MODES:
+        convert = 14
+    elif mode in _ALPHA_MODES or "transparency" in image.info:
+        convert = 16
+    else:
+        convert = 4
+    return image.width * image.height * (2 * stored + convert)
+
+
+def _check_memory(image: Image.Image, label: str) -> None:
+    """Refuse an image whose decoding would need more than :data:`MAX_DECODE_BYTES`, before decoding it."""
+    need = decode_bytes(image)
+    if need > MAX_DECODE_BYTES:
+        per_pixel = need // max(image.width * image.height, 1)
+        limit = MAX_DECODE_BYTES // per_pixel
+        raise LookalikeError(
+            f"cannot use {label}: decoding its {image.width}x{image.height} {image.mode} pixels would need about "
+            f"{need / 2**30:.1f} GB, above the limit of {MAX_DECODE_BYTES / 2**30:.0f} GB ({limit / 1e6:.0f} "
+            f"megapixels in this mode); downscale it first (or save it as 8-bit RGB)"
+        )
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Convert any PIL mode to 8-bit RGB (alpha over white, high bit depths rescaled, not clipped)."""
     if image.mode == "RGB":
@@ -132,7 +172,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def _high_depth_to_uint8(values: np.ndarray) -> np.ndarray:
     """Map 16/32-bit integer or float greyscale values to uint8 by the range they imply."""
-    data = values.astype(np.float64)  # (H, W)
+    data = values.astype(np.float32)  # (H, W); float32 keeps memory bounded (see decode_bytes)
     if np.issubdtype(values.dtype, np.uint16):
         low, high = 0.0, 65535.0
     else:
@@ -146,8 +186,12 @@ def _high_depth_to_uint8(values: np.ndarray) -> np.ndarray:
             low, high = 0.0, 65535.0
         else:
             low, high = lo, hi
-    scaled = (np.nan_to_num(data, nan=low, posinf=high, neginf=low) - low) / max(high - low, 1e-12)
-    return np.clip(np.rint(scaled * 255.0), 0, 255).astype(np.uint8)
+    np.nan_to_num(data, copy=False, nan=low, posinf=high, neginf=low)
+    data -= np.float32(low)
+    data *= np.float32(255.0 / max(high - low, 1e-12))
+    np.rint(data, out=data)
+    np.clip(data, 0, 255, out=data)
+    return data.astype(np.uint8)
 
 
 def fit_square(

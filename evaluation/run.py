@@ -9,6 +9,7 @@ by :func:`~lookalike.evaluation.store.shard_items`.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LookalikeError
+from ..fileio import FolderLock, inside, safe_name
 from .metrics import DEFAULT_METRICS, METRICS
 from .report import write_reports
 from .scorers import (
@@ -39,6 +41,8 @@ def plan_items(subject_set: SubjectSet, seeds: int) -> list[Item]:
     """Every (subject, prompt index, seed), subject-major, then prompt, then seed (seeds 0..N-1)."""
     if seeds < 1:
         raise LookalikeError(f"--seeds must be at least 1, not {seeds}")
+    for s in subject_set.subjects:
+        safe_name(s.name, "subject name")  # it names folders of the run
     return [Item(s.name, i, seed, prompt) for s in subject_set.subjects
             for i, prompt in enumerate(s.prompts) for seed in range(seeds)]
 
@@ -86,7 +90,7 @@ def _todo(mine: Sequence[Item], done: dict, metrics: Sequence[str], out: Path) -
     generate, rescore = [], []
     for item in mine:
         record = done.get(item.key)
-        if record is None or not (out / item.image).is_file():
+        if record is None or not item.image_in(out).is_file():
             generate.append(item)
         elif any(m not in record.get("scores", {}) for m in metrics):
             rescore.append(item)
@@ -96,7 +100,7 @@ def _todo(mine: Sequence[Item], done: dict, metrics: Sequence[str], out: Path) -
 def _save_thumbnails(out: Path, subject: EvalSubject, images: Sequence[Any]) -> None:
     """Reference thumbnails under references/<subject>/ (written once)."""
     for i, image in enumerate(images):
-        path = out / "references" / subject.name / f"{i}.jpg"
+        path = inside(out, "references", safe_name(subject.name, "subject name"), f"{i}.jpg", what="thumbnail")
         if not path.is_file():
             thumb = image.copy()
             thumb.thumbnail((THUMBNAIL, THUMBNAIL))
@@ -141,29 +145,31 @@ def evaluate(personalizer: Any, subject_set: SubjectSet | str | os.PathLike[str]
         raise LookalikeError("the personalizer has no adapter loaded; call load_adapter(...) before evaluate")
     adapter = adapter or personalizer.adapters[0].name
     rank, world, barrier = process or current_process()
+    items = plan_items(subject_set, seeds)  # checks the subject names before anything is written
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    if scorers is None:
-        scorers = load_scorers(metrics, device=personalizer.pipe.unet.device)
-        metric_models = {**default_metric_models(metrics), **(metric_models or {})}
-    scorers.check(metrics)
-    settings = {"model": model_name or _model_name(personalizer), "adapter": adapter,
-                "scale": scale if isinstance(scale, dict) else float(scale),  # a dict: diffusers' per-block scales
-                "steps": int(steps), "size": _resolved_size(personalizer, size),
-                "guidance": _pipeline_default(personalizer, "guidance_scale") if guidance is None else float(guidance),
-                "references": references, "combine": combine, "negative_prompt": negative_prompt or None,
-                "subjects": str(subject_set.root), "layout": subject_set.layout,
-                "seeds": int(seeds), "metrics": list(metrics), "metric_models": dict(metric_models or {})}
-    check_settings(out, settings, write=rank == 0)  # every process checks, so none waits on a failed one
-    barrier()
-    items = plan_items(subject_set, seeds)
-    todo_gen, todo_score = _todo(shard_items(items, rank, world), read_records(out), metrics, out)
-    run = _Runner(personalizer, scorers, metrics, out, settings, adapter, batch_size)
-    with RecordLog(items_file(out, rank, world)) as log:
-        run.go(subject_set, todo_gen, todo_score, log, progress=progress, position=rank)
-    barrier()
-    expected = {i.key for i in items}
-    return write_reports(out, expected=expected) if rank == 0 else summarize(out, expected=expected)
+    lock = FolderLock(out, "lookalike eval") if rank == 0 else contextlib.nullcontext()  # one run per --out
+    with lock:
+        if scorers is None:
+            scorers = load_scorers(metrics, device=personalizer.pipe.unet.device)
+            metric_models = {**default_metric_models(metrics), **(metric_models or {})}
+        scorers.check(metrics)
+        cfg = _pipeline_default(personalizer, "guidance_scale") if guidance is None else float(guidance)
+        settings = {"model": model_name or _model_name(personalizer), "adapter": adapter,
+                    "scale": scale if isinstance(scale, dict) else float(scale),  # a dict: per-block scales
+                    "steps": int(steps), "size": _resolved_size(personalizer, size), "guidance": cfg,
+                    "references": references, "combine": combine, "negative_prompt": negative_prompt or None,
+                    "subjects": str(subject_set.root), "layout": subject_set.layout,
+                    "seeds": int(seeds), "metrics": list(metrics), "metric_models": dict(metric_models or {})}
+        check_settings(out, settings, write=rank == 0)  # every process checks, so none waits on a failed one
+        barrier()
+        todo_gen, todo_score = _todo(shard_items(items, rank, world), read_records(out), metrics, out)
+        run = _Runner(personalizer, scorers, metrics, out, settings, adapter, batch_size)
+        with RecordLog(items_file(out, rank, world)) as log:
+            run.go(subject_set, todo_gen, todo_score, log, progress=progress, position=rank)
+        barrier()
+        expected = {i.key for i in items}
+        return write_reports(out, expected=expected) if rank == 0 else summarize(out, expected=expected)
 
 
 class _Runner:
@@ -200,7 +206,7 @@ class _Runner:
         for chunk in _chunks(rescore, self.batch_size):
             saved = []
             for item in chunk:
-                with Image.open(self.out / item.image) as im:
+                with Image.open(item.image_in(self.out)) as im:
                     saved.append(im.convert("RGB"))
             self._record(chunk, saved, refs, log, seconds=None)
             bar.update(len(chunk))
@@ -213,7 +219,7 @@ class _Runner:
             generated = self._generate(chunk, encoded)
             seconds = (time.perf_counter() - start) / len(chunk)
             for item, image in zip(chunk, generated):
-                write_atomic(self.out / item.image, lambda tmp, im=image: im.save(tmp, format="PNG"))
+                write_atomic(item.image_in(self.out), lambda tmp, im=image: im.save(tmp, format="PNG"))
             self._record(chunk, generated, refs, log, seconds=seconds)
             bar.update(len(chunk))
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LookalikeError
-from ..fileio import write_atomic
+from ..fileio import inside, safe_name, write_atomic
 
 RUN_FILE = "run.json"
 ITEMS_FILE = "items.jsonl"
@@ -51,6 +51,11 @@ class Item:
     def image(self) -> str:
         """The image's path relative to the run folder."""
         return f"images/{self.subject}/{self.prompt_index}-{self.seed}.png"
+
+    def image_in(self, out: Path) -> Path:
+        """The image's path in the run folder ``out``; an error when the subject's name would lead outside."""
+        return inside(out, "images", safe_name(self.subject, "subject name"), f"{self.prompt_index}-{self.seed}.png",
+                      what="image")
 
 
 def shard_items(items: Sequence[Item], rank: int, world: int) -> list[Item]:
@@ -83,11 +88,12 @@ def _parse_lines(path: Path) -> Iterator[dict[str, Any]]:
             record = json.loads(line)
             if not isinstance(record, dict):
                 raise ValueError("not an object")
-            key = (str(record["subject"]), int(record["prompt_index"]), int(record["seed"]))
-        except (ValueError, KeyError, TypeError):
+            key = (safe_name(record["subject"], "subject"), int(record["prompt_index"]), int(record["seed"]))
+        except (ValueError, KeyError, TypeError):  # LookalikeError included: a subject that is not a plain name
             bad += i < len(lines) - 1  # the last line may be torn by a kill: expected, not reported
             continue
         record["subject"], record["prompt_index"], record["seed"] = key
+        record["image"] = Item(key[0], key[1], key[2], "").image  # never a path taken from the file
         yield record
     if bad:
         warnings.warn(f"{path}: skipped {bad} damaged line(s)", stacklevel=2)

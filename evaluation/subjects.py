@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LookalikeError
+from ..fileio import inside, safe_name
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 PROMPTS_JSON = "prompts.json"
@@ -141,14 +142,20 @@ def _load_dreambench(root: Path) -> SubjectSet:
         raise LookalikeError(f"{root / PROMPTS_JSON} has no 'subjects' list; it is not a DreamBench prompts.json")
     subjects = []
     for entry in entries:
-        name = str(entry["name"])
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise LookalikeError(f"{root / PROMPTS_JSON}: every subject needs a \"name\"; found {str(entry)[:60]}")
+        name = safe_name(entry["name"], f"subject name in {root / PROMPTS_JSON}")
         word = str(entry.get("class") or class_from_name(name))
         live = bool(entry.get("live", word in data.get("live_classes", ("cat", "dog"))))
         prompt_set = entry.get("prompt_set") or ("live_subject_prompts" if live else "object_prompts")
         templates = data.get(prompt_set)
         if not isinstance(templates, list) or not templates:
             raise LookalikeError(f"{root / PROMPTS_JSON} has no prompt list {prompt_set!r} for subject {name}")
-        images = [root / p for p in entry.get("images") or []] or _images_in(root / name)
+        listed = entry.get("images") or []
+        if not isinstance(listed, list) or not all(isinstance(p, str) and p for p in listed):
+            raise LookalikeError(f"{root / PROMPTS_JSON}: the images of subject {name} must be a list of file names")
+        images = ([inside(root, p, what=f"reference image of subject {name}") for p in listed]
+                  or _images_in(inside(root, name, what="subject folder")))
         missing = [p for p in images if not p.is_file()]
         if missing or not images:
             raise LookalikeError(f"subject {name} of {root} lacks its reference image(s) "

@@ -8,7 +8,6 @@ the same kind of pipeline with random (seeded) weights in code, for tests and sm
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +16,16 @@ import torch
 from ..adapters.module import IPAdapter
 from ..adapters.spec import AdapterSpec, get_spec
 from ..errors import LookalikeError
+from .demo_files import (  # noqa: F401  (re-exported: where the demo lives)
+    DEMO_ADAPTER_FILE,
+    DEMO_DIR,
+    DEMO_TRAINED,
+    check_demo_adapter,
+    shipped_adapter_spec,
+)
 from .personalizer import Personalizer
 from .tiny import tiny_pipeline
 
-#: The trained demo model shipped inside the package (see ``lookalike demo``).
-DEMO_DIR = Path(__file__).resolve().parent.parent / "world" / "demo-model"
-DEMO_ADAPTER_FILE = "adapter.safetensors"
-DEMO_TRAINED = (DEMO_DIR / "model_index.json").is_file() and (DEMO_DIR / DEMO_ADAPTER_FILE).is_file()
 DEMO_NOTE = ("the demo model knows only a small world of coloured shapes on plain backgrounds "
              "(try a reference from `lookalike demo --out DIR`); use an SD1.5/SDXL model for real photos"
              if DEMO_TRAINED else "the demo model has random weights (no trained demo weights ship): images are noise-like")
@@ -46,14 +48,14 @@ def demo_clip_encoder(seed: int = 0) -> Any:
 
 def demo_spec(name: str) -> AdapterSpec:
     """A registry variant (basic or plus) sized for the demo UNet and encoder."""
+    check_demo_adapter("tiny-random", name)
     spec = get_spec(name, "sd15")
     if spec.projector == "linear":
         return spec.with_(embed_dim=DEMO_CLIP["projection_dim"], cross_attention_dim=32)
     if spec.projector == "resampler":
         kwargs = dict(spec.projector_kwargs, dim=32, heads=2)
         return spec.with_(embed_dim=DEMO_CLIP["hidden_size"], cross_attention_dim=32, projector_kwargs=kwargs)
-    raise LookalikeError(f"the demo model offers the basic and plus adapters, not {name!r}; "
-                         f"use --adapter plus or --adapter basic with --model demo")
+    raise LookalikeError(f"the demo model builds no {spec.projector} projector")  # pragma: no cover
 
 
 def demo_adapter(name: str, unet: torch.nn.Module, seed: int = 0) -> IPAdapter:
@@ -72,15 +74,6 @@ def demo_personalizer(adapter: str | None = "plus", seed: int = 0) -> Personaliz
     if adapter:
         p.load_adapter(demo_adapter(adapter, pipe.unet, seed))
     return p
-
-
-@functools.cache
-def shipped_adapter_spec() -> AdapterSpec:
-    """The variant of the shipped demo adapter, read from its checkpoint (metadata, else shapes)."""
-    from ..weights.io import detect_spec, read_checkpoint
-
-    path = DEMO_DIR / DEMO_ADAPTER_FILE
-    return detect_spec(*read_checkpoint(path), str(path))
 
 
 def trained_demo_personalizer(adapter: bool = True, model_dir: str | Path | None = None) -> Personalizer:

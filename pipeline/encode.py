@@ -14,11 +14,11 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ..adapters.spec import ENCODERS, NEGATIVE_RULE, AdapterSpec, EncoderSpec, encoder_of
+from ..adapters.spec import ENCODERS, AdapterSpec, EncoderSpec, encoder_of
 from ..encoders.prepare import CropMode, load_reference
 from ..errors import LookalikeError
 from ..weights.io import check_encoder
-from .subject import Subject, file_sha256
+from .subject import MAX_SUBJECT_IMAGES, Subject, file_sha256
 
 ImageSource = str | os.PathLike | Image.Image
 
@@ -36,11 +36,8 @@ class EncoderSet:
 
     def set(self, encoder: Any, name: str | None = None) -> None:
         """Use ``encoder`` for the encoder ``name`` (a key of ``ENCODERS``), or for every encoder of its kind."""
-        if encoder.__class__.__name__.startswith("CLIPVision"):
-            from ..encoders.clip import ClipImageEncoder
-
-            encoder = ClipImageEncoder(encoder)
-        kind = "face" if "face_id" in encoder.kinds else "clip"
+        encoder = _wrap(encoder)
+        kind = "face" if "face_id" in encoder.kinds else getattr(encoder, "family", "clip")
         if name is None:
             self.by_kind[kind] = encoder
         else:
@@ -60,10 +57,41 @@ class EncoderSet:
 
             pack = spec.name.removeprefix("insightface-")  # the pack the adapter was trained with, unless told
             return FaceEncoder.from_folder(**{"name": pack, **self.face_options})
-        from ..encoders.clip import ClipImageEncoder
         from ..weights.hub import resolve_encoder_dir
 
-        return ClipImageEncoder.from_pretrained(resolve_encoder_dir(spec), device=self.device, dtype=self.dtype)
+        return _IMAGE_ENCODERS[spec.kind]().from_pretrained(resolve_encoder_dir(spec), device=self.device,
+                                                            dtype=self.dtype)
+
+
+def _clip_class() -> Any:
+    from ..encoders.clip import ClipImageEncoder
+
+    return ClipImageEncoder
+
+
+def _siglip_class() -> Any:
+    from ..encoders.siglip import SiglipImageEncoder
+
+    return SiglipImageEncoder
+
+
+#: Image-encoder class per ``EncoderSpec.kind`` (face encoders load from their folder).
+_IMAGE_ENCODERS = {"clip": _clip_class, "siglip": _siglip_class}
+
+
+def _wrap(encoder: Any) -> Any:
+    """A transformers vision model (CLIP with projection, SigLIP) -> lookalike's encoder; others as they are."""
+    name = encoder.__class__.__name__
+    if name.startswith("CLIPVision"):
+        return _clip_class()(encoder)
+    if name == "SiglipVisionModel":
+        return _siglip_class()(encoder)
+    return encoder
+
+
+def _image_encoder(encs: dict[str, Any]) -> Any:
+    """The encoder of an adapter that makes image ("pooled"/"patch") features: the one that is not a face model."""
+    return next(e for e in encs.values() if "face_id" not in e.kinds)
 
 
 def _load_all(images: Sequence[ImageSource] | ImageSource) -> tuple[list[Image.Image], list[str]]:
@@ -72,6 +100,9 @@ def _load_all(images: Sequence[ImageSource] | ImageSource) -> tuple[list[Image.I
         images = [images]
     if len(images) == 0:
         raise LookalikeError("no reference image was given; pass at least one photo of the subject")
+    if len(images) > MAX_SUBJECT_IMAGES:
+        raise LookalikeError(f"{len(images)} reference images were given, above the limit of {MAX_SUBJECT_IMAGES} "
+                             f"per subject; pick the {MAX_SUBJECT_IMAGES} best photos")
     loaded = [load_reference(img) for img in images]
     in_memory = [isinstance(img, Image.Image) for img in images]
     sources = ["" if mem else file_sha256(img) for img, mem in zip(images, in_memory)]
@@ -150,26 +181,26 @@ def encode_subject(encoders: EncoderSet, spec: AdapterSpec, images: Sequence[Ima
         clip_crop = "center"
     clip_kinds = [k for k in spec.features if k in ("pooled", "patch")]
     if clip_kinds:
-        out = encs["clip"].encode(clip_inputs, crop=clip_crop)
+        out = _image_encoder(encs).encode(clip_inputs, crop=clip_crop)
         feats.update({k: out[k] for k in clip_kinds})
     check_encoder(spec, {k: v.shape[-1] for k, v in feats.items()}, "the image encoder")
     if neg_pil:
-        out = encs["clip"].encode(neg_pil, crop=crop)
+        out = _image_encoder(encs).encode(neg_pil, crop=crop)
         negative = {k: out[k].to(t).mean(0, keepdim=True).expand_as(t).clone() for k, t in feats.items()}
     else:
         negative = _negative(encs, spec, feats)
     return Subject({k: combine_images(v, combine, weights) for k, v in feats.items()},
                    {k: combine_images(v, combine, weights) for k, v in negative.items()},
                    adapter=spec.name, encoder=spec.encoder, combine=combine, sources=sources, weights=weights or [],
-                   negative_sources=neg_sources, landmarks=landmarks)
+                   negative_sources=neg_sources, landmarks=landmarks).check("the encoded subject")
 
 
 def _negative(encs: dict[str, Any], spec: AdapterSpec, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The official unconditional features, one row per image (zeros; CLIP of a blank input for patches)."""
     out = {}
     for kind, t in feats.items():
-        if NEGATIVE_RULE[kind] == "encode_zeros":
-            out[kind] = encs["clip"].encode_negative(1)[kind].to(t).expand_as(t).clone()
+        if spec.negative_rule(kind) == "encode_zeros":
+            out[kind] = _image_encoder(encs).encode_negative(1)[kind].to(t).expand_as(t).clone()
         else:
             out[kind] = torch.zeros_like(t)
     return out

@@ -1,4 +1,4 @@
-"""``Personalizer``: wraps any diffusers SD1.5/SDXL pipeline with stacked IP-Adapter-style adapters."""
+"""``Personalizer``: wraps a diffusers SD1.5/SDXL, FLUX.1 or SD3.5 pipeline with stacked image adapters."""
 
 from __future__ import annotations
 
@@ -10,14 +10,16 @@ from typing import Any, Union
 import torch
 
 from ..adapters.attach import AdapterHandle, AdapterInput, Scale, attach_adapters
-from ..adapters.module import IPAdapter
-from ..adapters.spec import NEGATIVE_RULE, AdapterSpec, encoder_of, get_spec
+from ..adapters.module import IPAdapter, model_family
+from ..adapters.spec import AdapterSpec, encoder_of, get_spec
 from ..compat import diffusers_dtype
 from ..errors import LookalikeError
+from ..weights.dit_formats import detect_dit_spec
 from ..weights.io import adapter_from_state_dict, check_encoder, detect_spec, read_checkpoint
+from .checks import check_images, check_size
 from .encode import EncoderSet, ImageSource, encode_subject
 from .faceid import faceid_plus_controls
-from .subject import Subject, box_mask, stack_subjects
+from .subject import FEATURE_NDIM, Subject, box_mask, stack_subjects
 
 #: One adapter's features: a tensor for single-feature variants, a dict ``{"face_id": ..., "patch": ...}`` else.
 Embeds = Union[torch.Tensor, Mapping[str, torch.Tensor]]
@@ -25,7 +27,7 @@ Embeds = Union[torch.Tensor, Mapping[str, torch.Tensor]]
 DEFAULT_PROMPT = "best quality, high quality"
 DEFAULT_NEGATIVE_PROMPT = "monochrome, lowres, bad anatomy, worst quality, low quality"
 #: Feature kind -> number of dims with the (batch, images) pair in front.
-_FEATURE_NDIM = {"pooled": 3, "patch": 4, "face_id": 3}
+_FEATURE_NDIM = FEATURE_NDIM
 
 
 def _one_per_adapter(value: Any, count: int, what: str, is_single: Any) -> list:
@@ -48,21 +50,25 @@ def _is_scale(s: Any) -> bool:
 class Personalizer:
     """Zero-shot personalization of a diffusers text-to-image pipeline.
 
-    ``Personalizer(pipe)`` attaches lookalike's decoupled-attention processor to ``pipe.unet``; adapters
-    are stacked with :meth:`load_adapter` and conditioned per call of :meth:`generate`.
+    ``Personalizer(pipe)`` attaches lookalike's processors to ``pipe.unet`` (SD1.5, SDXL) or
+    ``pipe.transformer`` (FLUX.1, SD3.5; any of their pipelines: text-to-image, img2img, inpaint, Fill,
+    ControlNet); adapters are stacked with :meth:`load_adapter` and conditioned per call of :meth:`generate`.
     """
 
     def __init__(self, pipe: Any, *, backend: str = "sdpa", image_encoder: Any = None,
                  face_encoder: Any = None, face_options: Mapping[str, Any] | None = None) -> None:
-        if not hasattr(pipe, "unet"):
-            raise LookalikeError("Personalizer needs a diffusers pipeline with a UNet (SD1.5 or SDXL)")
+        model = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+        if model is None or not hasattr(model, "attn_processors"):
+            raise LookalikeError("Personalizer needs a diffusers pipeline with a UNet (SD1.5, SDXL) or a FLUX/SD3 "
+                                 "transformer")
         self.pipe = pipe
-        self.encoders = EncoderSet(pipe.unet.device, pipe.unet.dtype, face_options)
+        self.model = model
+        self.encoders = EncoderSet(model.device, model.dtype, face_options)
         clip = image_encoder if image_encoder is not None else getattr(pipe, "image_encoder", None)
         for encoder in (clip, face_encoder):
             if encoder is not None:
                 self.encoders.set(encoder)
-        self.handle: AdapterHandle = attach_adapters(pipe.unet, backend=backend)
+        self.handle: AdapterHandle = attach_adapters(model, backend=backend)
         self.identitynets: dict[str, Any] = {}  # adapter name -> its IdentityNet (InstantID's ControlNet)
 
     @classmethod
@@ -92,7 +98,10 @@ class Personalizer:
 
     @property
     def base(self) -> str:
-        return "sdxl" if self.pipe.unet.config.cross_attention_dim == 2048 else "sd15"
+        family = model_family(self.model)
+        if family != "unet":
+            return family
+        return "sdxl" if self.model.config.cross_attention_dim == 2048 else "sd15"
 
     def load_adapter(self, source: str | os.PathLike | IPAdapter, *, spec: AdapterSpec | str | None = None,
                      name: str | None = None, identitynet: str | os.PathLike | Any = None) -> str:
@@ -111,9 +120,10 @@ class Personalizer:
                 spec = get_spec(spec, self.base)
             path, registry_spec = self._resolve(source)
             sd, metadata = read_checkpoint(path)
-            chosen = spec or registry_spec or detect_spec(sd, metadata, str(path))
-            unet = self.pipe.unet
-            adapter = adapter_from_state_dict(sd, unet, chosen, device=unet.device, dtype=unet.dtype)
+            chosen = spec or detect_dit_spec(sd, metadata, self.base, registry_spec) or registry_spec \
+                or detect_spec(sd, metadata, str(path))
+            model = self.model
+            adapter = adapter_from_state_dict(sd, model, chosen, device=model.device, dtype=self._adapter_dtype())
         taken = {a.name for a in self.adapters}
         base_name = name or adapter.name
         unique, n = base_name, 2
@@ -141,6 +151,10 @@ class Personalizer:
                                  f"ControlNetModel), or identitynet=False for the adapter alone")
         return load_identitynet(resolve_identitynet_dir(spec, given, beside=path), unet, device=unet.device,
                                 dtype=unet.dtype)
+    def _adapter_dtype(self) -> torch.dtype:
+        """The model's dtype, or float32 when its weights are quantized (integer or packed storage)."""
+        dtype = self.model.dtype
+        return dtype if dtype.is_floating_point and dtype.itemsize >= 2 else torch.float32
 
     def _resolve(self, source: str | os.PathLike) -> tuple[str, AdapterSpec | None]:
         from ..weights.hub import resolve_adapter_source
@@ -178,6 +192,10 @@ class Personalizer:
             if t.ndim != want:
                 raise LookalikeError(f"{what} ({kind}) for {spec.name} should have {want} dims "
                                      f"(batch, images, ...), got shape {tuple(t.shape)}")
+            if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+                raise LookalikeError(f"{what} ({kind}) for {spec.name} holds NaN, infinite or non-float values, "
+                                     f"which would give black images; encode the images again (in float32 or "
+                                     f"bfloat16 if float16 overflowed)")
             out[kind] = t
         check_encoder(spec, {k: v.shape[-1] for k, v in out.items()}, f"the given {what}")
         return out
@@ -186,11 +204,11 @@ class Personalizer:
         """The official unconditional input: zeros, or the image encoder run on an all-zero pixel tensor."""
         out = {}
         for kind, t in like.items():
-            if NEGATIVE_RULE[kind] == "zeros":
+            if spec.negative_rule(kind) == "zeros":
                 out[kind] = torch.zeros_like(t)
                 continue
-            clip = [e for e in encoder_of(spec) if e.kind == "clip"][0]
-            if self.encoders.by_name.get(clip.name) is None and self.encoders.by_kind.get("clip") is None:
+            clip = [e for e in encoder_of(spec) if e.kind != "face"][0]
+            if self.encoders.by_name.get(clip.name) is None and self.encoders.by_kind.get(clip.kind) is None:
                 raise LookalikeError(f"{spec.name} needs negative_image_embeds: its unconditional input is the "
                                      f"image encoder run on a blank image; pass negative_image_embeds or an "
                                      f"image encoder (Personalizer(pipe, image_encoder=...))")
@@ -241,6 +259,8 @@ class Personalizer:
         adapter = self._adapter_for(subjects[0].adapter)
         if any(self._adapter_for(s.adapter) is not adapter for s in subjects):
             raise LookalikeError("all subjects of one call must be encoded for the same adapter")
+        for s in subjects:
+            s.check()
         pos, neg = stack_subjects(subjects, dim)
         embeds: list = [None] * len(self.adapters)
         negs: list = [None] * len(self.adapters)
@@ -303,10 +323,18 @@ class Personalizer:
             negf = self._as_features(spec, neg, "negative_image_embeds") if neg is not None else None
             negf = negf or self.negative_features(spec, pos)
             with torch.no_grad():  # one projection per distinct row, then repeated per generated image
-                tokens = [self._fit_batch(adapter.project_once(self._prepare(f, combine, prompts, adapter)),
+                tokens = [self._fit_batch(self._tokens(adapter, self._prepare(f, combine, prompts, adapter)),
                                           prompts, per_prompt, adapter.name) for f in (pos, negf)]
             inputs.append(AdapterInput(tokens[0], tokens[1], s, tuple(w), self._masks(m)))
         return inputs
+
+    @staticmethod
+    def _tokens(adapter: IPAdapter, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Projected tokens ``(B, I, T, C)``; for a timestep-conditioned projector (SD3.5) the features
+        themselves, projected once per denoising step by the handle."""
+        if adapter.spec.projector == "time_resampler":
+            return feats[adapter.spec.features[0]]
+        return adapter.project_once(feats)
 
     def _prepare(self, feats: Mapping[str, torch.Tensor], combine: str, prompts: int,
                  adapter: IPAdapter) -> dict[str, torch.Tensor]:
@@ -331,7 +359,7 @@ class Personalizer:
             m = m.unsqueeze(0)
         if m.ndim != 4:
             raise LookalikeError(f"a mask must have shape (1, images, height, width), got {tuple(m.shape)}")
-        return m.to(device=self.pipe.unet.device, dtype=torch.float32)
+        return m.to(device=self.model.device, dtype=torch.float32)
 
     # -- generation -------------------------------------------------------------------------------
     def generate(self, prompt: str | list[str] | None = None, image_embeds: Sequence[Embeds | None] | None = None,
@@ -340,7 +368,8 @@ class Personalizer:
                  masks: Sequence[torch.Tensor | None] | torch.Tensor | None = None,
                  window: tuple[float, float] | Sequence[tuple[float, float]] = (0.0, 1.0),
                  combine: str = "concat", subject: Subject | Sequence[Subject] | None = None,
-                 subjects: Sequence[Subject] | None = None, regions: Sequence | None = None, *,
+                 subjects: Sequence[Subject] | Mapping[str, Subject] | None = None, regions: Sequence | None = None,
+                 layout_start: float | None = None, layout_threshold: float | None = None, *,
                  identitynet_scale: float = 0.8, pose_reference: Any = None, controlnets: Sequence[tuple] = (),
                  s_scale: float | None = None, shortcut: bool | None = None, **pipeline_kwargs: Any) -> Any:
         """Generate with the wrapped pipeline, each adapter conditioned on its image features.
@@ -352,6 +381,10 @@ class Personalizer:
         ``subject``: a :class:`Subject` (or one per prompt) instead of ``image_embeds``; ``subjects`` with
         ``regions`` (a box ``(x0, y0, x1, y1)`` or an ``(H, W)`` mask each) places several subjects in one image,
         each region attending only to its own subject's tokens.
+        ``subjects={"dog": dog, "cat": cat}`` (words of the prompt) finds the regions from the prompt's own
+        attention (auto layout, :mod:`lookalike.pipeline.layout`): text alone until ``layout_start`` (0.2),
+        regions where a phrase's normalised map is highest and reaches ``layout_threshold`` (0.5); the output
+        then carries ``.regions`` and ``.attention`` ``{phrase: (H, W)}``.
         InstantID: ``identitynet_scale`` is IdentityNet's strength; ``pose_reference`` a photo (or Subject) whose
         face keypoints IdentityNet follows (several subjects: its faces, left to right, give the regions when
         none are given); ``controlnets``: other ``(ControlNetModel, image, scale)`` beside it.
@@ -359,6 +392,26 @@ class Personalizer:
         ``prompt=None`` without ``prompt_embeds`` uses the official default prompt ("best quality, high
         quality") and negative prompt. Other keyword arguments go to the pipeline.
         """
+        if isinstance(subjects, Mapping):
+            from .layout import LAYOUT_START, LAYOUT_THRESHOLD, generate_with_layout
+
+            if subject is not None or image_embeds is not None or regions is not None or masks is not None:
+                raise LookalikeError("subjects={phrase: subject} finds the regions itself; pass no subject, "
+                                     "image_embeds, regions or masks with it")
+            if self.identitynets or pose_reference is not None or controlnets:
+                raise LookalikeError("subjects={phrase: subject} (auto layout) does not run InstantID's IdentityNet "
+                                     "or ControlNets; give regions (or a pose_reference) with a list of subjects")
+            if scale is None:
+                scale = [a.spec.default_scale for a in self.adapters]
+                scale = scale[0] if len(scale) == 1 else scale
+            with faceid_plus_controls(self.adapters, s_scale, shortcut):
+                return generate_with_layout(
+                    self, prompt, subjects, scale=scale, window=window, combine=combine,
+                    layout_start=LAYOUT_START if layout_start is None else layout_start,
+                    layout_threshold=LAYOUT_THRESHOLD if layout_threshold is None else layout_threshold,
+                    **pipeline_kwargs)
+        if layout_start is not None or layout_threshold is not None:
+            raise LookalikeError("layout_start and layout_threshold apply to subjects={phrase: subject} only")
         from .identity import face_keypoints, output_size_for, run_instantid, strip_regions
 
         many = [] if subjects is None and subject is None else list(subjects) if subjects is not None else (
@@ -385,6 +438,8 @@ class Personalizer:
             raise LookalikeError("generate needs image_embeds or a subject (one entry per loaded adapter)")
         if torch.is_tensor(image_embeds) or isinstance(image_embeds, Mapping):
             image_embeds = [image_embeds]
+        if torch.is_tensor(negative_image_embeds) or isinstance(negative_image_embeds, Mapping):
+            negative_image_embeds = [negative_image_embeds]
         if torch.is_tensor(masks):
             masks = [masks]
         if scale is None:
@@ -399,17 +454,49 @@ class Personalizer:
         with faceid_plus_controls(self.adapters, s_scale, shortcut):
             inputs = self.condition_inputs(image_embeds, negative_image_embeds, scale, masks, window,
                                            prompts, per_prompt, combine)
+        height, width = self._output_size(pipeline_kwargs)
+        check_size(width, height)
         self.handle.scheduler = self.pipe.scheduler
-        with self.handle.conditioned(inputs):
-            if identity is None or inputs[identity[0]] is None:
-                return self.pipe(prompt=prompt, **pipeline_kwargs)
-            term = inputs[identity[0]]
-            out = (int(pipeline_kwargs["width"]), int(pipeline_kwargs["height"]))
-            keypoints = face_keypoints(face_encoder, many, regions if term.masks is not None else None,
-                                       pose_reference, out)
-            return run_instantid(self.pipe, self.identitynets[identity[1].name], term.tokens, term.negative,
-                                 keypoints, term.masks, identitynet_scale, controlnets,
-                                 {"prompt": prompt, **pipeline_kwargs})
+        to_pil = pipeline_kwargs.get("output_type", "pil") == "pil"
+        if to_pil:  # decoded as floats, checked, then made 8-bit exactly as diffusers' "pil" output does
+            pipeline_kwargs["output_type"] = "np"
+        self.handle.alternate = self._true_cfg(pipeline_kwargs)
+        try:
+            with self.handle.conditioned(inputs):
+                if identity is None or inputs[identity[0]] is None:
+                    result = self.pipe(prompt=prompt, **pipeline_kwargs)
+                else:
+                    term = inputs[identity[0]]
+                    keypoints = face_keypoints(face_encoder, many, regions if term.masks is not None else None,
+                                               pose_reference, (width, height))
+                    result = run_instantid(self.pipe, self.identitynets[identity[1].name], term.tokens,
+                                           term.negative, keypoints, term.masks, identitynet_scale, controlnets,
+                                           {"prompt": prompt, **pipeline_kwargs})
+        finally:
+            self.handle.alternate = False
+        return self._checked(result, to_pil, pipeline_kwargs.get("output_type"))
+
+    def _checked(self, result: Any, to_pil: bool, output_type: str | None) -> Any:
+        """Refuse non-finite or blank decoded images (they would be saved black); convert "np" back to PIL."""
+        as_tuple = isinstance(result, tuple)
+        images = result[0] if as_tuple else result.images
+        flagged = (result[1] if as_tuple and len(result) > 1 else getattr(result, "nsfw_content_detected", None))
+        if output_type != "latent":
+            check_images(images, flagged, half=self.model.dtype == torch.float16)
+        if to_pil:
+            images = self.pipe.image_processor.numpy_to_pil(images)
+            if as_tuple:
+                return (images,) + tuple(result[1:])
+            result.images = images
+        return result
+
+    def _true_cfg(self, kwargs: Mapping[str, Any]) -> bool:
+        """Whether a FLUX pipeline will run true CFG (two model calls per step: conditional, then not)."""
+        if self.base != "flux":
+            return False
+        negative = kwargs.get("negative_prompt") is not None or (
+            kwargs.get("negative_prompt_embeds") is not None and kwargs.get("negative_pooled_prompt_embeds") is not None)
+        return float(kwargs.get("true_cfg_scale") or 1.0) > 1 and negative
 
     def _from_subjects(self, subject: Any, subjects: Any, regions: Any, kwargs: dict) -> tuple:
         if subjects is not None:
@@ -426,5 +513,6 @@ class Personalizer:
 
     def _output_size(self, kwargs: dict) -> tuple[int, int]:
         scale = getattr(self.pipe, "vae_scale_factor", 8)
-        default = self.pipe.unet.config.sample_size * scale
+        sample = getattr(self.pipe, "default_sample_size", None) or self.model.config.sample_size
+        default = sample * scale
         return int(kwargs.get("height") or default), int(kwargs.get("width") or default)

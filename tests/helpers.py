@@ -13,6 +13,20 @@ from lookalike.adapters.spec import REGISTRY, AdapterSpec
 from lookalike.pipeline.tiny import tiny_pipeline
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+#: The small test-data set that ships with the repository (tests/data/make_testdata.py rebuilds it).
+TEST_DATA = Path(__file__).resolve().parent / "data"
+
+
+def shared_or_shipped(shared_rel: str, shipped_rel: str) -> Path:
+    """``../shared/<shared_rel>`` where the full shared data is beside the checkout, else the shipped copy."""
+    full = SHARED / shared_rel
+    return full if full.exists() else TEST_DATA / shipped_rel
+
+
+#: DreamBench (CC-BY-4.0): all 20 subjects from ../shared, or the 4 shipped in tests/data (256 px photos).
+DREAMBENCH = shared_or_shipped("data/dreambench/prompts.json", "dreambench/prompts.json").parent
+#: The real YuNet face detector (Apache-2.0): ../shared's copy or the shipped one (byte-identical).
+YUNET = shared_or_shipped("models/yunet/face_detection_yunet.onnx", "yunet/face_detection_yunet.onnx")
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -73,7 +87,7 @@ def random_adapter(spec: AdapterSpec, pipe, seed: int = 0, lora: bool = False) -
     return randomize(IPAdapter.for_unet(small, pipe.unet), seed)
 
 
-VARIANTS = sorted(REGISTRY)
+VARIANTS = sorted(n for n, s in REGISTRY.items() if s.base in ("sd15", "sdxl"))  # UNet variants
 
 
 class TinyArcFace(torch.nn.Module):
@@ -107,4 +121,11 @@ def tiny_arcface_pack(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
-YUNET = SHARED / "models" / "yunet" / "face_detection_yunet.onnx"
+
+def one_error(capsys) -> str:
+    """The one ``error:`` line a failed CLI call printed on stderr (and no traceback)."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    return lines[0]

@@ -13,15 +13,15 @@ import pytest
 import torch
 from PIL import Image
 
-from lookalike.pipeline import cli
+from lookalike import cli
 from lookalike.pipeline.demo import DEMO_NOTE, DEMO_TRAINED, demo_adapter, demo_personalizer
 from lookalike.pipeline.personalizer import Personalizer
 from lookalike.pipeline.subject import Subject, file_sha256
 from lookalike.weights.io import official_state_dict, save_adapter
 
-from helpers import SHARED
+from helpers import DREAMBENCH
 
-DREAMBENCH_DOG = SHARED / "data" / "dreambench" / "dog"
+DREAMBENCH_DOG = DREAMBENCH / "dog"
 FAST = ["--model", "tiny-random", "--steps", "2"]
 
 
@@ -32,18 +32,12 @@ def _no_debug(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def photos(tmp_path: Path) -> list[Path]:
-    """Two subject photos: DreamBench's dog when the shared data is there, else two images drawn in code."""
+def photos() -> list[Path]:
+    """Two photos of DreamBench's dog (../shared's, or the copy shipped in tests/data): never in ``tmp_path``,
+    so a test may expect its own folder to hold only what it wrote."""
     real = sorted(DREAMBENCH_DOG.glob("0[01].jpg"))
-    if len(real) == 2:
-        return real
-    paths = []
-    for i, colour in enumerate([(200, 40, 40), (40, 40, 200)]):
-        image = Image.new("RGB", (96, 80), colour)
-        image.paste((240, 220, 20), (20 + 10 * i, 20, 60, 60))
-        paths.append(tmp_path / f"photo{i}.png")
-        image.save(paths[-1])
-    return paths
+    assert len(real) == 2, f"DreamBench's dog photos are missing from {DREAMBENCH_DOG}"
+    return real
 
 
 def refs(photos: list[Path]) -> list[str]:
@@ -84,13 +78,13 @@ def run_python(args: list[str], tmp_path: Path, **env: str) -> subprocess.Comple
 def test_help_of_every_command_imports_no_torch_diffusers_or_transformers(tmp_path):
     code = (
         "import sys, contextlib, io\n"
-        "from lookalike.pipeline import cli\n"
+        "from lookalike import cli\n"
         "for argv in (['--help'], ['generate', '--help'], ['encode', '--help'], ['info', '--help'],"
-        " ['download', '--help']):\n"
+        " ['download', '--help'], ['app', '--help']):\n"
         "    with contextlib.redirect_stdout(io.StringIO()) as out:\n"
         "        assert cli.main(argv) == 0, argv\n"
         "    assert 'usage: lookalike' in out.getvalue(), argv\n"
-        "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'PIL') if m in sys.modules]\n"
+        "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'PIL', 'gradio') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
     result = run_python(["-c", code], tmp_path)
@@ -332,7 +326,7 @@ def _corrupt_subject(tmp_path: Path) -> str:
 ])
 def test_user_errors_exit_2_with_one_error_line_before_loading_any_model(tmp_path, photos, capsys, monkeypatch,
                                                                           case, words):
-    monkeypatch.setattr(cli, "load_personalizer", _must_not_load)
+    monkeypatch.setattr("lookalike.cli.generate.load_personalizer", _must_not_load)
     out = str(tmp_path / "x.png")
     argv = {
         "missing reference": ["--reference", str(tmp_path / "no-such-photo.jpg"), "--out", out],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import struct
 import zlib
 from pathlib import Path
@@ -11,11 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from lookalike.pipeline import cli
+from lookalike import cli
 
-from helpers import SHARED, YUNET, tiny_arcface_pack
+from helpers import DREAMBENCH, YUNET, tiny_arcface_pack
 
-DOG = SHARED / "data" / "dreambench" / "dog" / "00.jpg"
+DOG = DREAMBENCH / "dog" / "00.jpg"
 
 
 def png_header_only(path: Path, width: int, height: int) -> Path:
@@ -134,12 +135,11 @@ def faceid_checkpoint(tmp_path: Path) -> tuple[Path, Path]:
     return save_adapter(IPAdapter.for_unet(spec, unet), tmp_path / "faceid.safetensors"), pack
 
 
-@pytest.mark.skipif(not YUNET.is_file(), reason="../shared (YuNet) is absent")
 def test_photo_with_no_face_exits_2_naming_it_and_a_face_photo_works(tmp_path, capsys):
     from skimage import data
 
     ckpt, pack = faceid_checkpoint(tmp_path)
-    teapot = SHARED / "data" / "dreambench" / "teapot" / "00.jpg"
+    teapot = DREAMBENCH / "teapot" / "00.jpg"
     face = tmp_path / "astronaut.png"
     Image.fromarray(data.astronaut()).save(face)
     common = ["--model", "tiny-random", "--adapter", str(ckpt), "--face-models", str(pack), "--face-detector", "yunet",
@@ -171,11 +171,9 @@ def test_checkpoint_that_does_not_fit_the_demo_model_exits_2(tmp_path, capsys):
 def test_every_dreambench_photo_goes_through_every_preparation_mode(mode):
     from lookalike.encoders.prepare import load_reference, to_clip_pixels
 
-    root = SHARED / "data" / "dreambench"
-    if not root.is_dir():
-        pytest.skip("../shared/data/dreambench is absent")
-    files = sorted(root.glob("*/*.jpg"))
-    assert len(files) >= 100
+    listed = json.loads((DREAMBENCH / "prompts.json").read_text())["subjects"]
+    files = sorted(DREAMBENCH.glob("*/*.jpg"))
+    assert len(files) == sum(len(s["images"]) for s in listed) >= 11  # all 20 subjects, or the 4 shipped
     pixels = to_clip_pixels([load_reference(f) for f in files], size=64, mode=mode)
     assert pixels.shape == (len(files), 3, 64, 64) and torch.isfinite(pixels).all()
     assert pixels.std(dim=(1, 2, 3)).min() > 0.05  # every photo kept visible content

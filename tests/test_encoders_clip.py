@@ -23,7 +23,8 @@ from lookalike.encoders.clip import ClipImageEncoder
 from lookalike.encoders.prepare import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, load_image, to_clip_pixels
 from lookalike.errors import LookalikeError
 
-DREAMBENCH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dreambench"
+from helpers import DREAMBENCH
+
 PROCESSOR_MEAN = (0.5, 0.4, 0.3)
 PROCESSOR_STD = (0.2, 0.25, 0.3)
 
@@ -249,8 +250,6 @@ def test_corrupt_processor_config_raises_lookalike_error_naming_it(tmp_path: Pat
 
 def test_real_photo_encodes_in_every_crop_mode(encoder: ClipImageEncoder) -> None:
     photo_path = DREAMBENCH / "dog" / "00.jpg"
-    if not photo_path.is_file():
-        pytest.skip(f"DreamBench photo not found at {photo_path}")
     photo = load_image(photo_path)
     for crop in ("center", "pad", "resize"):
         features = encoder.encode([photo], crop=crop)

@@ -1,7 +1,7 @@
 """Tests for lookalike.encoders.face: detection, 5-point alignment and ArcFace embeddings, offline.
 
 A tiny ArcFace-shaped recognition model is built in torch and exported to ONNX; detection uses the
-real YuNet model from ../shared (tests skip without it) or a fake SCRFD exported the same way, whose
+real YuNet model (../shared's, or the copy shipped in tests/data) or a fake SCRFD exported the same way, whose
 constant outputs place one face on the astronaut. The photo is scikit-image's bundled NASA portrait.
 """
 
@@ -20,13 +20,10 @@ from lookalike.encoders.base import ImageEncoder
 from lookalike.encoders.face import FaceEncoder, model_folder
 from lookalike.errors import LookalikeError
 
-from helpers import TinyArcFace
+from helpers import DREAMBENCH, YUNET, TinyArcFace
 from helpers import export_onnx as _export
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-YUNET = SHARED / "models" / "yunet" / "face_detection_yunet.onnx"
-TEAPOT = SHARED / "data" / "dreambench" / "teapot" / "00.jpg"
-needs_shared = pytest.mark.skipif(not YUNET.is_file(), reason="../shared (YuNet model, DreamBench) is absent")
+TEAPOT = DREAMBENCH / "teapot" / "00.jpg"
 
 # The astronaut's face in source pixels (as YuNet finds it): box and insightface-ordered landmarks.
 ASTRONAUT_BOX = np.array([179.0, 63.0, 270.0, 174.0], np.float32)
@@ -95,8 +92,6 @@ def full_pack(tmp_path_factory: pytest.TempPathFactory, arcface_onnx: Path) -> P
 @pytest.fixture(scope="module")
 def yunet_encoder(arcface_onnx: Path) -> FaceEncoder:
     """The real YuNet detector with the tiny ArcFace."""
-    if not YUNET.is_file():
-        pytest.skip("../shared (YuNet model) is absent")
     return FaceEncoder.from_folder(arcface_onnx.parent, detector="yunet", yunet_model=YUNET)
 
 
@@ -132,7 +127,6 @@ def test_tiny_model_is_routed_by_insightface_model_zoo_as_arcface(arcface_onnx: 
     assert (model.input_mean, model.input_std, model.input_size) == (127.5, 127.5, (112, 112))
 
 
-@needs_shared
 def test_encoder_fits_image_encoder_protocol_with_dims_read_from_model(yunet_encoder: FaceEncoder) -> None:
     assert isinstance(yunet_encoder, ImageEncoder)
     assert yunet_encoder.kinds == ("face_id",)
@@ -140,7 +134,6 @@ def test_encoder_fits_image_encoder_protocol_with_dims_read_from_model(yunet_enc
     assert (yunet_encoder.device, yunet_encoder.dtype) == (torch.device("cpu"), torch.float32)
 
 
-@needs_shared
 def test_yunet_finds_astronaut_face_with_landmarks_in_insightface_order(
     yunet_encoder: FaceEncoder, astronaut: Image.Image
 ) -> None:
@@ -155,7 +148,6 @@ def test_yunet_finds_astronaut_face_with_landmarks_in_insightface_order(
     np.testing.assert_allclose(face.kps, ASTRONAUT_KPS, atol=4.0)
 
 
-@needs_shared
 def test_aligned_crops_are_224_for_clip_and_112_for_arcface(
     yunet_encoder: FaceEncoder, astronaut: Image.Image
 ) -> None:
@@ -169,7 +161,6 @@ def test_aligned_crops_are_224_for_clip_and_112_for_arcface(
     assert centre[0] > centre[2] + 20
 
 
-@needs_shared
 def test_embedding_equals_onnx_model_on_insightface_norm_crop(
     yunet_encoder: FaceEncoder, astronaut: Image.Image, arcface_onnx: Path
 ) -> None:
@@ -182,7 +173,6 @@ def test_embedding_equals_onnx_model_on_insightface_norm_crop(
     np.testing.assert_allclose(normed[0].numpy(), reference / np.linalg.norm(reference), rtol=1e-4, atol=1e-6)
 
 
-@needs_shared
 def test_unnormed_encoder_returns_the_raw_embedding(arcface_onnx: Path, astronaut: Image.Image) -> None:
     raw = FaceEncoder.from_folder(arcface_onnx.parent, detector="yunet", yunet_model=YUNET, normed=False)
     face = raw.detect_and_align(astronaut)[0]
@@ -192,7 +182,6 @@ def test_unnormed_encoder_returns_the_raw_embedding(arcface_onnx: Path, astronau
     assert abs(torch.linalg.vector_norm(features[0]).item() - 1.0) > 1e-3
 
 
-@needs_shared
 def test_largest_face_is_default_and_face_index_counts_left_to_right(
     yunet_encoder: FaceEncoder, two_faces: Image.Image
 ) -> None:
@@ -207,7 +196,6 @@ def test_largest_face_is_default_and_face_index_counts_left_to_right(
     assert yunet_encoder.encode_faces([two_faces], face_index=0)[0].bbox[0] < 256
 
 
-@needs_shared
 def test_face_index_out_of_range_names_the_image_and_the_face_count(
     yunet_encoder: FaceEncoder, two_faces: Image.Image
 ) -> None:
@@ -215,20 +203,17 @@ def test_face_index_out_of_range_names_the_image_and_the_face_count(
         yunet_encoder.encode([two_faces], face_index=2)
 
 
-@needs_shared
 def test_no_face_in_object_photo_names_the_file(yunet_encoder: FaceEncoder) -> None:
     with pytest.raises(LookalikeError, match=r"no face found in '.*teapot/00\.jpg'; use a photo where the face"):
         yunet_encoder.encode([TEAPOT])
 
 
-@needs_shared
 def test_no_face_in_pil_image_names_its_position(yunet_encoder: FaceEncoder, astronaut: Image.Image) -> None:
     blank = Image.new("RGB", (320, 240), (200, 200, 200))
     with pytest.raises(LookalikeError, match=r"no face found in image 1;"):
         yunet_encoder.encode([astronaut, blank])
 
 
-@needs_shared
 def test_features_follow_the_dtype_argument_and_negative_is_zeros(
     arcface_onnx: Path, astronaut: Image.Image
 ) -> None:

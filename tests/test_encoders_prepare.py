@@ -21,7 +21,7 @@ from lookalike.encoders.prepare import (
 )
 from lookalike.errors import LookalikeError
 
-DREAMBENCH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dreambench"
+from helpers import DREAMBENCH
 
 
 def _clip_processor(**kwargs: object):
@@ -270,9 +270,8 @@ def test_center_mode_matches_clip_image_processor_on_random_sized_noise() -> Non
 
 
 def test_center_mode_matches_clip_image_processor_on_random_sized_real_photos() -> None:
-    photos = sorted(DREAMBENCH.glob("*/00.jpg"))[:4] if DREAMBENCH.is_dir() else []
-    if not photos:
-        pytest.skip(f"DreamBench photos not found under {DREAMBENCH}")
+    photos = sorted(DREAMBENCH.glob("*/00.jpg"))[:4]
+    assert len(photos) == 4
     rng = random.Random(0)
     images = []
     for path in photos:

@@ -33,6 +33,8 @@ from lookalike.evaluation.scorers import (
 )
 from lookalike.pipeline.tiny import tiny_tokenizer
 
+from helpers import YUNET
+
 
 def picture(seed: int, size: int = 48) -> Image.Image:
     """A seeded random RGB image."""
@@ -205,9 +207,7 @@ def test_face_scorer_loads_an_insightface_folder_and_scores_the_real_face_path(t
     """A tiny ArcFace exported to ONNX + the real YuNet detector: same face 1.0, no face None."""
     torch = pytest.importorskip("torch")
     skimage_data = pytest.importorskip("skimage.data")
-    yunet = Path(__file__).resolve().parents[2] / "shared" / "models" / "yunet" / "face_detection_yunet.onnx"
-    if not yunet.is_file():
-        pytest.skip("../shared (YuNet model) is absent")
+    yunet = YUNET
     torch.manual_seed(0)
     arcface = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 8, stride=8), torch.nn.Flatten(),
                                   torch.nn.Linear(4 * 14 * 14, 512))  # (B, 3, 112, 112) -> (B, 512)

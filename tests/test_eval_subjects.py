@@ -17,12 +17,10 @@ from lookalike.evaluation.subjects import (
     load_subject_set,
 )
 
-DREAMBENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "dreambench"
+from helpers import DREAMBENCH
 
 
 def dreambench() -> Path:
-    if not (DREAMBENCH / "prompts.json").is_file():
-        pytest.skip("../shared/data/dreambench is absent")
     return DREAMBENCH
 
 
@@ -51,12 +49,14 @@ def test_dreambench_layout_reads_classes_prompt_sets_and_images():
     data = json.loads((DREAMBENCH / "prompts.json").read_text())
     assert subjects.layout == "dreambench" and len(subjects.subjects) == len(data["subjects"])
     by_name = {s.name: s for s in subjects.subjects}
-    dog, bear = by_name["dog2"], by_name["bear_plushie"]
-    assert (dog.class_word, dog.live, bear.class_word, bear.live) == ("dog", True, "stuffed animal", False)
+    dog, bag = by_name["dog"], by_name["backpack"]  # in the full set and in the shipped one
+    assert (dog.class_word, dog.live, bag.class_word, bag.live) == ("dog", True, "backpack", False)
     assert dog.prompts[10] == "a dog wearing a red hat"
-    assert bear.prompts[10] == "a stuffed animal with a wheat field in the background"
+    assert bag.prompts[10] == "a backpack with a wheat field in the background"
     assert all(len(s.prompts) == 25 and all(p.is_file() for p in s.references) for s in subjects.subjects)
-    assert {s.name for s in subjects.subjects if s.live} == {"cat", "dog", "dog2", "dog3", "dog5", "dog7"}
+    assert [len(s.references) for s in subjects.subjects] == [len(s["images"]) for s in data["subjects"]]
+    live = {s["name"] for s in data["subjects"] if s["live"]}
+    assert {s.name for s in subjects.subjects if s.live} == live and {"cat", "dog"} <= live
     assert not subjects.face
 
 
@@ -68,7 +68,8 @@ def test_built_in_templates_are_dreambench_verbatim():
 
 def test_limits_take_the_first_subjects_and_prompts():
     small = load_subject_set(dreambench()).limited(subjects=2, prompts=3)
-    assert [s.name for s in small.subjects] == ["backpack", "bear_plushie"]
+    listed = json.loads((DREAMBENCH / "prompts.json").read_text())["subjects"]
+    assert [s.name for s in small.subjects] == [s["name"] for s in listed[:2]]
     assert all(len(s.prompts) == 3 for s in small.subjects)
     with pytest.raises(LookalikeError, match="limit-prompts"):
         small.limited(prompts=0)

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 from test_instantid import KPS, tiny_identitynet
 
+from lookalike import cli
 from lookalike.adapters.spec import get_spec
-from lookalike.pipeline import cli
 from lookalike.pipeline.subject import Subject
 from lookalike.weights.io import save_adapter
 

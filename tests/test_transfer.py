@@ -77,9 +77,9 @@ def _pixels(path) -> np.ndarray:
 
 
 def test_cli_transfer_style_generates_as_the_api_does_with_that_scale_and_records_it(tmp_path):
-    from lookalike.pipeline import cli
-    from lookalike.pipeline.cli import DEFAULT_NEGATIVE
+    from lookalike import cli
     from lookalike.pipeline.demo import demo_adapter
+    from lookalike.pipeline.output import DEFAULT_NEGATIVE
     from lookalike.pipeline.personalizer import Personalizer
     from lookalike.pipeline.subject import Subject
     from lookalike.pipeline.tiny import tiny_pipeline
@@ -112,7 +112,7 @@ def test_cli_transfer_style_generates_as_the_api_does_with_that_scale_and_record
 
 
 def test_cli_transfer_on_a_unet_of_another_layout_exits_2_saying_to_use_all(tmp_path, capsys):
-    from lookalike.pipeline import cli
+    from lookalike import cli
 
     photo = tmp_path / "ref.png"
     Image.new("RGB", (32, 32), (200, 30, 30)).save(photo)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lookalike.pipeline import cli
+from lookalike import cli
 from lookalike.pipeline.demo import DEMO_DIR, DEMO_TRAINED
 from lookalike.training.data import ImageSource
 from lookalike.training.records import json_records

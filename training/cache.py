@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,12 +43,40 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     os.replace(tmp, path)
 
 
+SHARD_NAME = re.compile(r"^shard-w\d+-r\d+-\d{5}\.safetensors$")
+
+
+def _broken(folder: Path, why: str) -> LookalikeError:
+    return LookalikeError(f"the cache in {folder} is damaged: {why}; delete it (or pass another --cache folder) "
+                          f"and it is built again")
+
+
+def _check_manifest(folder: Path, manifest: Any) -> dict[str, Any]:
+    """The manifest's fields have the types and values the cache needs (shards are plain names)."""
+    if not isinstance(manifest, dict):
+        raise _broken(folder, f"{MANIFEST} is not an object")
+    records, shards = manifest.get("records"), manifest.get("shards")
+    if not isinstance(records, int) or isinstance(records, bool) or not 0 <= records < 2**40:
+        raise _broken(folder, f"{MANIFEST} gives no record count")
+    if not isinstance(shards, list) or not all(isinstance(n, str) and SHARD_NAME.match(n) for n in shards):
+        raise _broken(folder, f"{MANIFEST} lists shards that are not shard-w*-r*-*.safetensors names")
+    if not isinstance(manifest.get("scaling_factor"), (int, float)) or not isinstance(manifest.get("fingerprint"),
+                                                                                     dict):
+        raise _broken(folder, f"{MANIFEST} lacks the scaling factor or the fingerprint")
+    return manifest
+
+
 def read_manifest(folder: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
     """The complete cache's manifest, None when absent; an error when it was built for something else."""
     path = folder / MANIFEST
     if not path.is_file():
         return None
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = _check_manifest(folder, json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, LookalikeError):
+            raise
+        raise _broken(folder, f"{MANIFEST} is not JSON ({exc})") from exc
     if manifest.get("fingerprint") != fingerprint:
         diff = [k for k in fingerprint if manifest.get("fingerprint", {}).get(k) != fingerprint[k]]
         raise LookalikeError(f"the cache in {folder} was built with another {', '.join(diff)}; delete it or pass "
@@ -70,6 +99,8 @@ class _Build(Dataset):
             return index, self.source.load(index, torch.zeros(2))
         except SkipSample as skip:
             return index, skip.reason
+        except LookalikeError as exc:  # one sentence, not a worker's traceback
+            return index, {"error": str(exc)}
 
 
 @torch.no_grad()
@@ -97,6 +128,9 @@ def _build_shard(models: Models, source: ImageSource, indices: list[int], path: 
     rows: list[dict[str, torch.Tensor]] = []
     kept, skipped = [], Counter()
     for items in loader:
+        for _, s in items:
+            if isinstance(s, dict) and "error" in s:
+                raise LookalikeError(s["error"])
         good = [(i, s) for i, s in items if not isinstance(s, str)]
         skipped.update(s for _, s in items if isinstance(s, str))
         if good:
@@ -138,7 +172,8 @@ def _write_manifest(folder: Path, consts: Constants, fingerprint: dict[str, Any]
     if consts.empty_pooled is not None:
         tensors["empty_pooled"] = consts.empty_pooled
     _atomic_save(tensors, folder / CONSTANTS)
-    manifest = {"fingerprint": fingerprint, "scaling_factor": consts.scaling_factor, "records": count,
+    manifest = {"fingerprint": fingerprint, "scaling_factor": consts.scaling_factor,
+                "shift_factor": consts.shift_factor, "records": count,
                 "shards": shards, "skipped": dict(skipped)}
     tmp = folder / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps(manifest, indent=1))
@@ -147,11 +182,50 @@ def _write_manifest(folder: Path, consts: Constants, fingerprint: dict[str, Any]
              sum(skipped.values()))
 
 
+def _finite(folder: Path, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    for k, v in tensors.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise _broken(folder, f"{name} {k} holds NaN or Inf")
+
+
 def cache_constants(folder: Path, manifest: dict[str, Any]) -> Constants:
     """The run constants stored beside the rows."""
-    t = load_file(str(folder / CONSTANTS))
+    try:
+        t = load_file(str(folder / CONSTANTS))
+    except Exception as exc:  # missing, truncated, not safetensors: safetensors' own error types
+        raise _broken(folder, f"{CONSTANTS} is not readable ({str(exc).splitlines()[0]})") from exc
+    if "empty_context" not in t or t["empty_context"].ndim != 3:
+        raise _broken(folder, f"{CONSTANTS} lacks the empty caption's embedding")
+    _finite(folder, CONSTANTS, t)
     negatives = {k[4:]: v for k, v in t.items() if k.startswith("neg_")}
-    return Constants(float(manifest["scaling_factor"]), t["empty_context"], t.get("empty_pooled"), negatives)
+    shift = manifest.get("shift_factor", 0.0)
+    if not isinstance(shift, (int, float)):
+        raise LookalikeError(f"{folder}: the cache manifest's shift_factor is not a number; build the cache again")
+    return Constants(float(manifest["scaling_factor"]), t["empty_context"], t.get("empty_pooled"), negatives,
+                     float(shift))
+
+
+def _shard_index(folder: Path, name: str, records: int) -> np.ndarray:
+    """A shard's record indices, after checking every row tensor has one row per index (rows are checked
+    finite as they are read)."""
+    try:
+        with safe_open(str(folder / name), "pt") as f:
+            keys = set(f.keys())
+            if "index" not in keys:
+                raise _broken(folder, f"{name} has no index")
+            index = f.get_tensor("index")
+            rows = {k: f.get_slice(k).get_shape() for k in ROW_KEYS if k in keys}
+    except LookalikeError:
+        raise
+    except Exception as exc:  # missing, truncated, not safetensors
+        raise _broken(folder, f"{name} is not readable ({str(exc).splitlines()[0]})") from exc
+    if index.dtype != torch.int64 or index.ndim != 1 or (len(index) and not (
+            int(index.min()) >= 0 and int(index.max()) < records and len(set(index.tolist())) == len(index))):
+        raise _broken(folder, f"{name} indexes records outside 0..{records - 1} or twice")
+    for k, shape in rows.items():
+        if not shape or shape[0] != len(index):
+            raise _broken(folder, f"{name} {k} has {shape[0] if shape else 0} rows, not {len(index)}")
+    return index.numpy()
 
 
 @dataclass
@@ -170,8 +244,7 @@ class CacheSource:
         n = int(manifest["records"])
         shard_of, row_of = np.full(n, -1, np.int32), np.full(n, -1, np.int64)
         for s, name in enumerate(manifest["shards"]):
-            with safe_open(str(folder / name), "pt") as f:
-                index = f.get_tensor("index").numpy()
+            index = _shard_index(folder, name, n)
             shard_of[index], row_of[index] = s, np.arange(len(index))
         return cls(folder, list(manifest["shards"]), [i for i in wanted if shard_of[i] >= 0], shard_of, row_of)
 
@@ -188,7 +261,10 @@ class CacheSource:
         if s not in handles:
             handles[s] = safe_open(str(self.folder / self.shards[s]), "pt")
         f = handles[s]
-        return {k: f.get_slice(k)[r:r + 1][0] for k in ROW_KEYS if k in f.keys()}
+        row = {k: f.get_slice(k)[r:r + 1][0] for k in ROW_KEYS if k in f.keys()}
+        if any(v.is_floating_point() and not torch.isfinite(v).all() for v in row.values()):
+            raise SkipSample("non-finite cache row", f"record {record} in {self.shards[s]}")
+        return row
 
     def load(self, index: int, crop_u: torch.Tensor) -> dict[str, Any]:
         return self.row(self.indices[index])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -11,14 +12,16 @@ from typing import Any
 from ..adapters.spec import REGISTRY
 from ..errors import LookalikeError
 from .data import TIMESTEP_BIASES
+from .flow import WEIGHTING_SCHEMES
 
 #: Projectors this trainer knows how to train (every projector of the registry).
-TRAINABLE_PROJECTORS = ("linear", "resampler", "mlp", "faceid", "faceid_plus")
+TRAINABLE_PROJECTORS = ("linear", "resampler", "mlp", "faceid", "faceid_plus", "flux_mlp", "time_resampler")
 #: ``--base`` presets built in code with random weights (no download).
-DEMO_BASES = {"demo": "sd15", "demo-sdxl": "sdxl"}
+DEMO_BASES = {"demo": "sd15", "demo-sdxl": "sdxl", "demo-flux": "flux", "demo-sd3": "sd3"}
 SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 PRECISIONS = ("no", "fp16", "bf16")
 CACHE_DTYPES = ("float32", "float16", "bfloat16")
+OPTIMIZERS = ("adamw", "adamw8bit")
 
 
 def adapter_choices() -> list[str]:
@@ -41,6 +44,11 @@ class TrainConfig:
     base: str = "demo"
     adapter: str = "basic"
     image_encoder: str | None = None
+    train_lora: bool = False  # FaceID's rank-r LoRA on every UNet attention layer, beside the projector
+    lora_rank: int = 128
+    face_models: str | None = None  # insightface pack folder: embeds the faces of records without id_embed_file
+    face_detector: str = "insightface"
+    yunet_model: str | None = None
     data_root: str | None = None
     steps: int = 1000
     batch_size: int = 8
@@ -61,6 +69,8 @@ class TrainConfig:
     drop_text: float = 0.05
     drop_both: float = 0.05
     mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    optimizer: str = "adamw"
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     resume: str | None = None
@@ -74,6 +84,11 @@ class TrainConfig:
     validation_steps: int = 30
     num_workers: int = 2
     cpu: bool = False
+    weighting_scheme: str = "logit_normal"  # DiT flow matching: how u is drawn and the loss weighted
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    guidance: float = 1.0  # FLUX guidance-distilled models: the fixed guidance embedding value while training
 
     def to_json(self) -> str:
         """The config as JSON (saved in every checkpoint)."""
@@ -128,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``lookalike-train`` command line."""
     d = TrainConfig(data="", output="")
     p = _Parser(prog="lookalike-train", description="Train an IP-Adapter-style adapter (projector and "
-                "to_k_ip/to_v_ip) on a frozen SD1.5 or SDXL model; one CPU to many GPUs through accelerate.")
+                "to_k_ip/to_v_ip, optionally FaceID's attention LoRA) on a frozen SD1.5 or SDXL model; one CPU to "
+                "many GPUs through accelerate.")
     g = p.add_argument_group("model")
     g.add_argument("--base", default=d.base, help="hub id, local diffusers folder, 'demo' or 'demo-sdxl' "
                    "(tiny random models built in code)")
@@ -136,6 +152,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "when present, else the variant's encoder from h94/IP-Adapter)")
     g.add_argument("--adapter", default=d.adapter, choices=adapter_choices(), metavar="VARIANT",
                    help="registry variant (full or short name): " + ", ".join(adapter_choices()))
+    g.add_argument("--train-lora", action="store_true", help="also train a LoRA on every UNet attention layer "
+                   "(to_q, to_k, to_v, to_out), as the official FaceID adapters do; exported in their key layout")
+    g.add_argument("--lora-rank", type=_positive, default=d.lora_rank, help="rank of --train-lora (default: 128, "
+                   "the official FaceID rank)")
+    g.add_argument("--face-models", metavar="DIR", help="FaceID: an insightface model folder (e.g. "
+                   "~/.insightface/models/buffalo_l); records without an id_embed_file get the embedding of the "
+                   "largest face in their image (no face: the record is skipped and counted)")
+    g.add_argument("--face-detector", default=d.face_detector, choices=("insightface", "yunet"),
+                   help="with --face-models: insightface's detector (default) or OpenCV's YuNet")
+    g.add_argument("--yunet-model", metavar="FILE", help="with --face-detector yunet: the YuNet .onnx file")
     g.add_argument("--init-from", help="start from this adapter checkpoint (weights only; fresh optimizer)")
     g = p.add_argument_group("data")
     g.add_argument("--data", required=True, help="JSON/JSONL list of {image_file, text} (optional reference_file: "
@@ -171,15 +197,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--drop-text", type=_rate, default=d.drop_text, help="per-sample caption drop rate")
     g.add_argument("--drop-both", type=_rate, default=d.drop_both, help="per-sample drop of both")
     g.add_argument("--mixed-precision", default=d.mixed_precision, choices=PRECISIONS)
+    g.add_argument("--gradient-checkpointing", action="store_true", help="recompute the frozen model's "
+                   "activations in the backward pass instead of keeping them (less memory, about a third slower)")
+    g.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS, help="adamw (default) or adamw8bit "
+                   "(bitsandbytes' 8-bit AdamW: optimizer state in a quarter of the memory; needs bitsandbytes)")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--cpu", action="store_true", help="train on the CPU even where a GPU is present")
+    g = p.add_argument_group("flow matching (FLUX.1, SD3.5)")
+    g.add_argument("--weighting-scheme", default=d.weighting_scheme, choices=WEIGHTING_SCHEMES,
+                   help="timestep density and loss weight, as diffusers' SD3/FLUX scripts (default: logit_normal)")
+    g.add_argument("--logit-mean", type=float, default=d.logit_mean)
+    g.add_argument("--logit-std", type=_non_negative_float, default=d.logit_std)
+    g.add_argument("--mode-scale", type=float, default=d.mode_scale)
+    g.add_argument("--guidance", type=_non_negative_float, default=d.guidance,
+                   help="FLUX.1-dev's guidance embedding while training (default: 1)")
     g = p.add_argument_group("checkpoints and validation")
     g.add_argument("--checkpoint-every", type=_non_negative, default=d.checkpoint_every, help="0: only at the end")
     g.add_argument("--keep-checkpoints", type=_positive, default=d.keep_checkpoints, help="keep the last K")
     g.add_argument("--resume", help="'latest' (newest OUTPUT/checkpoint-STEP) or a checkpoint folder")
     g.add_argument("--validate-every", type=_non_negative, default=d.validate_every, help="0: no validation")
     g.add_argument("--num-validation", type=_non_negative, default=d.num_validation,
-                   help="held-out references (taken from the end of the data, never trained on)")
+                   help="held-out references with --validate-every (taken from the end of the data, never "
+                   "trained on; without validation every record trains)")
     g.add_argument("--validation-steps", type=_positive, default=d.validation_steps, help="denoising steps")
     return p
 
@@ -202,6 +241,9 @@ def check_config(config: TrainConfig) -> None:
         raise FlagError("--timestep-bias-multiplier 0 with portion 1 leaves no timestep to draw; raise either")
     if config.lr <= 0:
         raise FlagError(f"--lr must be positive, not {config.lr}")
+    if config.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        raise FlagError("--optimizer adamw8bit needs bitsandbytes, which is not installed: pip install bitsandbytes "
+                        "(CUDA machines), or use --optimizer adamw")
     if config.build_cache and not config.cache:
         raise FlagError("--build-cache needs --cache DIR to write to")
     if config.cache and config.crop == "random":
@@ -213,6 +255,14 @@ def check_config(config: TrainConfig) -> None:
         raise FlagError(f"--init-from {config.init_from}: no such file")
     if config.resume and config.init_from:
         raise FlagError("--resume and --init-from exclude each other: a resumed run has its own weights")
+    if (config.yunet_model or config.face_detector != "insightface") and not config.face_models:
+        raise FlagError("--face-detector and --yunet-model choose how --face-models embeds faces; add --face-models DIR")
+    if config.face_detector == "yunet" and not config.yunet_model:
+        raise FlagError("--face-detector yunet needs --yunet-model FILE (the YuNet .onnx file)")
+    if config.yunet_model and not Path(config.yunet_model).expanduser().is_file():
+        raise FlagError(f"--yunet-model {config.yunet_model}: no such file")
+    if config.face_models and not Path(config.face_models).expanduser().is_dir():
+        raise FlagError(f"--face-models {config.face_models}: no such folder")
     check_data_path(config.data)
 
 

@@ -20,6 +20,8 @@ from torch.utils.data import Dataset, Sampler
 
 from ..encoders.prepare import to_clip_pixels
 from ..errors import LookalikeError
+from .faces import FaceEmbedder
+from .flow import FlowSettings, draw_u
 from .records import Record, SkipSample, read_caption, read_face_id, read_image
 
 #: How many records in a row may be unreadable before the run stops (the data is then broken, not noisy).
@@ -45,6 +47,7 @@ class DrawSettings:
     timestep_bias: str = "none"  # none | later (noisier) | earlier (cleaner), as diffusers' SDXL training script
     timestep_bias_portion: float = 0.25
     timestep_bias_multiplier: float = 1.0
+    flow: FlowSettings | None = None  # DiT flow matching: "timestep" is u in [0, 1) drawn by training/flow.py
 
 
 TIMESTEP_BIASES = ("none", "later", "earlier")
@@ -75,7 +78,9 @@ def draw(seed: int, slot: int, s: DrawSettings) -> dict[str, Any]:
     drop_image = u < s.drop_image or s.drop_image + s.drop_text <= u < s.drop_image + s.drop_text + s.drop_both
     drop_text = s.drop_image <= u < s.drop_image + s.drop_text + s.drop_both
     cdf = timestep_cdf(s)
-    if cdf is None:
+    if s.flow is not None:
+        timestep = draw_u(s.flow, g)
+    elif cdf is None:
         timestep = torch.randint(0, s.num_timesteps, (), generator=g)
     else:  # inverse CDF
         timestep = torch.searchsorted(cdf, torch.rand((), generator=g, dtype=torch.float64).reshape(1))[0].clamp(
@@ -138,6 +143,7 @@ class ImageSource:
     clip_std: Sequence[float] = (0.26862954, 0.26130258, 0.27577711)
     random_crop: bool = False
     face_normed: bool = True
+    faces: FaceEmbedder | None = None  # embeds the faces of records without a face-id file
 
     def __len__(self) -> int:
         return len(self.records)
@@ -151,13 +157,18 @@ class ImageSource:
             raise SkipSample(record.problem, record.key)
         caption = read_caption(record.text)
         out: dict[str, Any] = {}
-        if "face_id" in self.features:
+        embed_here = "face_id" in self.features and record.face_id is None and self.faces is not None
+        if "face_id" in self.features and not embed_here:
             out["face_id"] = read_face_id(record.face_id, self.face_normed)  # (512,)
         image = read_image(record.image)
+        face_crop = None
+        if embed_here:  # no id_embed_file: the largest face of the image, as the official data was made
+            out["face_id"], face_crop = self.faces.embed(image, record.key)  # (512,)
         out["pixels"], time_ids = vae_pixels(image, self.resolution, crop_u if self.random_crop else None)
         out["time_ids"] = torch.tensor(time_ids, dtype=torch.float32)
         if "pooled" in self.features or "patch" in self.features:
-            reference = image if record.face_image is None else read_image(record.face_image)
+            reference = read_image(record.face_image) if record.face_image is not None else (
+                face_crop if face_crop is not None else image)
             out["clip_pixels"] = to_clip_pixels([reference], self.clip_size, self.clip_mean, self.clip_std)[0]
         out["input_ids"] = tokenize(self.tokenizers, caption)
         return out
@@ -189,6 +200,14 @@ class SampleStream(Dataset):
         return int(self.order(slot // n)[slot % n])
 
     def __getitem__(self, slot: int) -> dict[str, Any]:
+        """The sample of one slot; a :class:`LookalikeError` comes back as ``{"error": message}``, so a
+        DataLoader worker hands the main process one sentence rather than its traceback."""
+        try:
+            return self._sample(slot)
+        except LookalikeError as exc:
+            return {"error": str(exc)}
+
+    def _sample(self, slot: int) -> dict[str, Any]:
         sample = draw(self.seed, slot, self.settings)
         index, skipped = self.record_at(slot), []
         for attempt in range(MAX_CONSECUTIVE_SKIPS):
@@ -208,7 +227,11 @@ class SampleStream(Dataset):
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack a list of samples; token ids stay one tensor per tokenizer; skip notes are concatenated."""
+    """Stack a list of samples; token ids stay one tensor per tokenizer; skip notes are concatenated.
+    A sample that failed makes the batch ``{"error": message}``."""
+    for sample in samples:
+        if "error" in sample:
+            return {"error": sample["error"]}
     batch: dict[str, Any] = {"skipped": [s for sample in samples for s in sample["skipped"]],
                              "slot": torch.tensor([s["slot"] for s in samples])}
     for key, value in samples[0].items():
@@ -237,6 +260,14 @@ class SlotBatches(Sampler[list[int]]):
 
     def __len__(self) -> int:  # endless; DataLoader only needs a number
         return 2**62
+
+
+def next_batch(loader: Any) -> dict[str, Any]:
+    """The loader's next batch; a failed sample (in any worker) is raised here as one-sentence error."""
+    batch = next(loader)
+    if "error" in batch:
+        raise LookalikeError(batch["error"])
+    return batch
 
 
 def make_loader(stream: SampleStream, start: int, batch_size: int, rank: int, world: int,

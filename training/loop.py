@@ -17,11 +17,25 @@ from typing import Any
 
 import torch
 
-from ..adapters.spec import ENCODERS, AdapterSpec
+from ..adapters.spec import DIT_BASES, ENCODERS, AdapterSpec
+from ..errors import LookalikeError
+from ..fileio import FolderLock
 from .cache import CacheSource, build_cache, cache_constants, read_manifest
-from .checkpoint import EMA, TrainState, check_resumable, export_adapter, resume_folder, save_checkpoint
+from .checkpoint import (
+    EMA,
+    TrainState,
+    check_resumable,
+    ema_copy,
+    export_adapter,
+    load_checkpoint,
+    remove_leftovers,
+    resume_folder,
+    save_checkpoint,
+)
 from .config import DEMO_BASES, TrainConfig
-from .data import DrawSettings, ImageSource, SampleSource, SampleStream, make_loader
+from .data import DrawSettings, ImageSource, SampleSource, SampleStream, make_loader, next_batch
+from .dit import DitTrainer, build_dit_adapter, export_dit, fit_dit_spec
+from .flow import FlowSettings
 from .models import (
     Models,
     base_family,
@@ -88,7 +102,7 @@ def make_accelerator(config: TrainConfig) -> Any:
 def default_resolution(config: TrainConfig, family: str) -> int:
     if config.resolution:
         return config.resolution
-    return 32 if config.base in DEMO_BASES else {"sd15": 512, "sdxl": 1024}[family]
+    return 32 if config.base in DEMO_BASES else {"sd15": 512, "sdxl": 1024, "flux": 1024, "sd3": 1024}[family]
 
 
 def split_records(records: list[Record], held_out: int) -> tuple[list[int], list[int]]:
@@ -105,7 +119,7 @@ def image_source(run_models: Models, records: list[Record], spec: AdapterSpec, r
     enc = run_models.image_encoder
     extra = {} if enc is None else {"clip_size": enc.image_size, "clip_mean": enc.mean, "clip_std": enc.std}
     return ImageSource(records, resolution, spec.features, run_models.tokenizers, random_crop=config.crop == "random",
-                       face_normed=spec.face_normed, **extra)
+                       face_normed=spec.face_normed, faces=run_models.faces, **extra)
 
 
 def _model_source(name: str, presets: Container[str]) -> str:
@@ -120,7 +134,15 @@ def fingerprint(config: TrainConfig, spec: AdapterSpec, resolution: int, records
     encoder = _model_source(config.image_encoder, ENCODERS) if config.image_encoder else "default"
     return {"base": _model_source(config.base, DEMO_BASES), "features": list(spec.features), "image_encoder": encoder,
             "resolution": resolution, "data": str(Path(config.data).expanduser().resolve()), "records": records,
-            "dtype": config.cache_dtype, "face_normed": spec.face_normed}
+            "dtype": config.cache_dtype, "face_normed": spec.face_normed, "face_models": _face_source(config)}
+
+
+def _face_source(config: TrainConfig) -> str | None:
+    """How missing face ids are embedded (a cache holds their results): the models and the detector."""
+    if not config.face_models:
+        return None
+    yunet = f":{Path(config.yunet_model).expanduser().resolve()}" if config.yunet_model else ""
+    return f"{Path(config.face_models).expanduser().resolve()} ({config.face_detector}{yunet})"
 
 
 def build_run(config: TrainConfig, accelerator: Any, models: Models | None = None) -> Run | None:
@@ -130,7 +152,7 @@ def build_run(config: TrainConfig, accelerator: Any, models: Models | None = Non
     spec = resolve_spec(config.adapter, family)
     records = find_records(config.data, config.data_root)
     resolution = default_resolution(config, family)
-    train_idx, val_idx = split_records(records, config.num_validation)
+    train_idx, val_idx = split_records(records, config.num_validation if config.validate_every else 0)
     folder = Path(config.cache) if config.cache else None
     stamp = fingerprint(config, spec, resolution, len(records))
     manifest = read_manifest(folder, stamp) if folder else None
@@ -149,6 +171,7 @@ def build_run(config: TrainConfig, accelerator: Any, models: Models | None = Non
             if config.build_cache:
                 return None
             models.vae, models.text_encoders, models.image_encoder = None, [], None  # the cache replaces them
+            models.faces = None
             gc.collect()
         consts = cache_constants(folder, manifest)
         train_source: SampleSource = CacheSource.open(folder, manifest, train_idx)
@@ -158,8 +181,20 @@ def build_run(config: TrainConfig, accelerator: Any, models: Models | None = Non
     else:
         train_source = image_source(models, [records[i] for i in train_idx], spec, resolution, config)
         val_source = image_source(models, [records[i] for i in val_idx], spec, resolution, config) if val_idx else None
+    consts.flow = flow_settings(config)
+    consts.guidance = config.guidance
     return Run(config, accelerator, models, spec, consts, train_source, val_source, [records[i] for i in val_idx],
                resolution)
+
+
+def _cached_latent_shape(source: SampleSource) -> tuple[int, ...]:
+    """The latent shape of the first readable cached row."""
+    for i in range(min(len(source), 64)):
+        try:
+            return tuple(source.load(i, torch.zeros(2))["latent_mean"].shape)
+        except SkipSample:
+            continue
+    raise LookalikeError("the cache's first rows are unreadable (NaN or Inf); delete the cache and build it again")
 
 
 def draw_settings(run: Run) -> DrawSettings:
@@ -168,26 +203,53 @@ def draw_settings(run: Run) -> DrawSettings:
         factor = 2 ** (len(run.models.vae.config.block_out_channels) - 1)
         shape = (run.models.vae.config.latent_channels, run.resolution // factor, run.resolution // factor)
     else:
-        shape = tuple(run.train_source.load(0, torch.zeros(2))["latent_mean"].shape)
+        shape = _cached_latent_shape(run.train_source)
     return DrawSettings(shape, run.models.noise_scheduler.config.num_train_timesteps,  # type: ignore[arg-type]
                         c.drop_image, c.drop_text, c.drop_both, c.noise_offset, c.timestep_bias,
-                        c.timestep_bias_portion, c.timestep_bias_multiplier)
+                        c.timestep_bias_portion, c.timestep_bias_multiplier,
+                        flow_settings(c) if run.models.family in DIT_BASES else None)
 
 
-def build_trainer(run: Run) -> tuple[AdapterTrainer, Any, Any, AdapterSpec]:
+def flow_settings(config: TrainConfig) -> FlowSettings:
+    return FlowSettings(config.weighting_scheme, config.logit_mean, config.logit_std, config.mode_scale)
+
+
+def build_trainer(run: Run) -> tuple[Any, Any, Any, AdapterSpec]:
     """The trainable adapter (sized to the models), AdamW and the learning-rate schedule."""
     from diffusers.optimization import get_scheduler
 
     c = run.config
     dims = {k: int(v.shape[-1]) for k, v in run.consts.negatives.items()}
-    spec = fit_spec(run.spec, dims, run.models.unet.config.cross_attention_dim)
-    adapter = build_adapter(spec, run.models.unet, c.seed, c.init_from).to(run.accelerator.device)
-    trainer = AdapterTrainer(adapter, run.models.unet)
-    optimizer = torch.optim.AdamW(adapter.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+    trainer: AdapterTrainer | DitTrainer
+    if run.models.family in DIT_BASES:
+        if c.train_lora:
+            raise LookalikeError(f"--train-lora trains FaceID's UNet LoRA; {run.spec.name} has none, drop --train-lora")
+        spec = fit_dit_spec(run.spec, dims, run.models.unet)
+        adapter = build_dit_adapter(spec, run.models.unet, c.seed, c.init_from).to(run.accelerator.device)
+        trainer = DitTrainer(adapter, run.models.unet, checkpointing=c.gradient_checkpointing)
+    else:
+        spec = fit_spec(run.spec, dims, run.models.unet.config.cross_attention_dim,
+                        c.lora_rank if c.train_lora else 0)
+        adapter = build_adapter(spec, run.models.unet, c.seed, c.init_from).to(run.accelerator.device)
+        trainer = AdapterTrainer(adapter, run.models.unet, checkpointing=c.gradient_checkpointing)
+    optimizer = make_optimizer(c, adapter.parameters())
     schedule = get_scheduler(c.lr_scheduler, optimizer, num_warmup_steps=c.lr_warmup_steps, num_training_steps=c.steps)
     n = sum(p.numel() for p in adapter.parameters())
-    log.info("training %s: %.2fM parameters (projector + to_k_ip/to_v_ip); everything else frozen", spec.name, n / 1e6)
+    parts = "projector + to_k_ip/to_v_ip" + (f" + rank-{spec.lora_rank} attention LoRA" if spec.lora_rank else "")
+    log.info("training %s: %.2fM parameters (%s); everything else frozen", spec.name, n / 1e6, parts)
     return trainer, optimizer, schedule, spec
+
+
+def make_optimizer(config: TrainConfig, params: Any) -> torch.optim.Optimizer:
+    """AdamW, or bitsandbytes' 8-bit AdamW (``--optimizer adamw8bit``; checked installed by the flags)."""
+    if config.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError as exc:  # installed but broken (e.g. no CUDA build)
+            raise LookalikeError(f"--optimizer adamw8bit: bitsandbytes does not import ({exc}); use --optimizer "
+                                 f"adamw") from exc
+        return bnb.optim.AdamW8bit(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
 def _sum_skips(accelerator: Any, state: TrainState, new: Counter) -> None:
@@ -230,6 +292,8 @@ def _validate(run: Run, trainer: Any, vset: Any, state: TrainState, result: Trai
         result.val_losses[state.step] = loss
         acc.log({"val_loss": loss}, step=state.step)
         log.info("step %d: held-out loss %.5f", state.step, loss)
+        if run.models.family in DIT_BASES:
+            return  # held-out loss only: validation images are generated for UNet bases
         vae = run.models.vae or move(load_vae(c), acc.device, DTYPES[c.mixed_precision])
         run.models.vae = vae
         images = validation_images(model, run.models, run.consts, vset, vae, c.validation_steps, run.resolution,
@@ -259,8 +323,21 @@ def _reference_images(records: list[Record]) -> list[Any]:
 
 def train(config: TrainConfig, models: Models | None = None) -> TrainResult:
     """Run the training the config describes; returns what it did. ``models``: frozen models built by the
-    caller (e.g. full-size random ones in the benchmark) instead of loading ``config.base``."""
+    caller (e.g. full-size random ones in the benchmark) instead of loading ``config.base``. One run at a
+    time per ``--output``: a second is refused while the first lives."""
     accelerator = make_accelerator(config)
+    lock = FolderLock(config.output, "lookalike-train") if accelerator.is_main_process else None
+    if lock is not None:
+        lock.acquire()
+        remove_leftovers(Path(config.output))
+    try:
+        return _train(config, accelerator, models)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(config: TrainConfig, accelerator: Any, models: Models | None) -> TrainResult:
     from accelerate.utils import set_seed
 
     set_seed(config.seed)
@@ -276,18 +353,18 @@ def train(config: TrainConfig, models: Models | None = None) -> TrainResult:
     state = TrainState()
     adapter = accelerator.unwrap_model(trainer).adapter
     ema = EMA(adapter.parameters(), config.ema_decay) if config.ema_decay else None
-    for obj in (state, schedule, ema):
-        if obj is not None:
-            accelerator.register_for_checkpointing(obj)
     folder = resume_folder(config)
     if folder is not None:
         check_resumable(folder, config)
-        accelerator.load_state(str(folder))
+        load_checkpoint(folder, accelerator, trainer, optimizer, schedule, state, ema)
         log.info("resumed from %s at step %d", folder, state.step)
     try:
         return _loop(run, trainer, optimizer, schedule, ema, state)
     finally:
-        accelerator.unwrap_model(trainer).handle.detach()
+        model = accelerator.unwrap_model(trainer)
+        model.handle.detach()
+        if model.checkpointing:
+            run.models.unet.disable_gradient_checkpointing()
         accelerator.end_training()
 
 
@@ -316,7 +393,7 @@ def _step(run: Run, trainer: Any, optimizer: Any, loader: Any, state: TrainState
     acc, c = run.accelerator, run.config
     losses = []
     for _ in range(c.grad_accum):
-        batch = next(loader)
+        batch = next_batch(loader)
         _note_skips(batch.pop("skipped"), skips, seen)
         losses.append(_micro_step(run, trainer, optimizer, batch))
         state.consumed += c.batch_size * acc.num_processes
@@ -340,23 +417,25 @@ def _loop(run: Run, trainer: Any, optimizer: Any, schedule: Any, ema: EMA | None
     adapter = acc.unwrap_model(trainer).adapter
     info = {"base": c.base, "data": c.data, "seed": c.seed, "variant": run.spec.name}
     result, skips, seen, progress = TrainResult(steps=state.step), Counter(), set(), _Progress(acc, c, state)
-    while state.step < c.steps:
-        began, began_cpu = time.perf_counter(), time.process_time()
-        loss = _step(run, trainer, optimizer, loader, state, skips, seen)
-        schedule.step()
-        if ema is not None:
-            ema.update(adapter.parameters())
-        result.losses.append(loss)
-        result.seconds.append(time.perf_counter() - began)
-        result.cpu_seconds.append(time.process_time() - began_cpu)
-        progress.update(state, loss, schedule.get_last_lr()[0], sum(state.skipped.values()) + sum(skips.values()))
-        last = state.step == c.steps
-        if last or (c.checkpoint_every and state.step % c.checkpoint_every == 0):
-            _sum_skips(acc, state, skips)
-            save_checkpoint(acc, c, state, adapter, ema, info)
-        if vset is not None and (last or state.step % c.validate_every == 0):
-            _validate(run, trainer, vset, state, result)
-    progress.bar.close()
+    try:
+        while state.step < c.steps:
+            began, began_cpu = time.perf_counter(), time.process_time()
+            loss = _step(run, trainer, optimizer, loader, state, skips, seen)
+            schedule.step()
+            if ema is not None:
+                ema.update(adapter.parameters())
+            result.losses.append(loss)
+            result.seconds.append(time.perf_counter() - began)
+            result.cpu_seconds.append(time.process_time() - began_cpu)
+            progress.update(state, loss, schedule.get_last_lr()[0], sum(state.skipped.values()) + sum(skips.values()))
+            last = state.step == c.steps
+            if last or (c.checkpoint_every and state.step % c.checkpoint_every == 0):
+                _sum_skips(acc, state, skips)
+                save_checkpoint(acc, c, state, trainer, optimizer, schedule, ema, info)
+            if vset is not None and (last or state.step % c.validate_every == 0):
+                _validate(run, trainer, vset, state, result)
+    finally:
+        progress.bar.close()  # ends its line, so an error prints on a line of its own
     return _finish(run, adapter, ema, state, result, info)
 
 
@@ -367,7 +446,10 @@ def _finish(run: Run, adapter: Any, ema: EMA | None, state: TrainState, result: 
     result.steps, result.skipped = state.step, dict(state.skipped)
     path = Path(c.output) / "adapter.safetensors"
     if acc.is_main_process:
-        export_adapter(adapter, ema, path, {**info, "step": state.step})
+        if run.models.family in DIT_BASES:
+            export_dit(ema_copy(adapter, ema), path, {**info, "step": state.step})
+        else:
+            export_adapter(adapter, ema, path, {**info, "step": state.step})
         if state.skipped:
             detail = ", ".join(f"{k} {v}" for k, v in sorted(state.skipped.items()))
             log.warning("skipped %d samples in all (%s)", sum(state.skipped.values()), detail)

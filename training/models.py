@@ -15,11 +15,12 @@ import torch
 from torch import nn
 
 from ..adapters.module import IPAdapter
-from ..adapters.spec import ENCODERS, AdapterSpec, encoder_of, get_spec
+from ..adapters.spec import DIT_BASES, ENCODERS, AdapterSpec, encoder_of, get_spec
 from ..encoders.clip import ClipImageEncoder
 from ..errors import LookalikeError
 from ..weights.io import check_fits, read_checkpoint
 from .config import DEMO_BASES, TrainConfig
+from .faces import FaceEmbedder, face_embedder
 
 log = logging.getLogger("lookalike.train")
 FACE_ID_DIM = 512
@@ -29,13 +30,14 @@ FACE_ID_DIM = 512
 class Models:
     """What a run computes with; encoders are ``None`` when a cache replaces them."""
 
-    family: str  # "sd15" or "sdxl"
+    family: str  # "sd15", "sdxl", "flux" or "sd3" (then ``unet`` is the FLUX/SD3 transformer)
     unet: nn.Module
     noise_scheduler: Any
     vae: nn.Module | None = None
     text_encoders: list[nn.Module] = field(default_factory=list)
     tokenizers: list[Any] = field(default_factory=list)
     image_encoder: ClipImageEncoder | None = None
+    faces: FaceEmbedder | None = None  # embeds faces of records without an id file (--face-models)
     source: str = "demo"
 
     def frozen(self) -> list[nn.Module]:
@@ -55,7 +57,7 @@ def tiny_clip_vision(seed: int = 0) -> Any:
 
 
 def base_family(base: str) -> str:
-    """``sd15`` or ``sdxl`` for a preset, a local diffusers folder or a hub id."""
+    """``sd15``, ``sdxl``, ``flux`` or ``sd3`` for a preset, a local diffusers folder or a hub id."""
     if base in DEMO_BASES:
         return DEMO_BASES[base]
     from diffusers import DiffusionPipeline
@@ -66,7 +68,9 @@ def base_family(base: str) -> str:
         raise LookalikeError(f"cannot read the base model {base!r} ({str(exc).splitlines()[0]}); pass a hub id, "
                              f"a local diffusers folder with model_index.json, or 'demo'") from exc
     index = index[0] if isinstance(index, tuple) else index
-    return "sdxl" if "text_encoder_2" in index else "sd15"
+    from .dit import dit_family
+
+    return dit_family(index) or ("sdxl" if "text_encoder_2" in index else "sd15")
 
 
 def _demo_components(family: str) -> dict[str, Any]:
@@ -119,7 +123,7 @@ def image_encoder_source(config: TrainConfig, spec: AdapterSpec) -> str | None:
         return str(local)
     from ..weights.hub import resolve_encoder_dir
 
-    clip = [e for e in encoder_of(spec) if e.kind == "clip"][0]
+    clip = [e for e in encoder_of(spec) if e.kind in ("clip", "siglip")][0]
     return str(resolve_encoder_dir(ENCODERS[clip.name]))
 
 
@@ -127,29 +131,56 @@ def clip_kinds(spec: AdapterSpec) -> tuple[str, ...]:
     return tuple(k for k in spec.features if k in ("pooled", "patch"))
 
 
-def load_image_encoder(config: TrainConfig, spec: AdapterSpec) -> ClipImageEncoder | None:
-    """The CLIP image encoder the variant needs (None for FaceID, which only reads ArcFace ids)."""
+def tiny_siglip_vision(seed: int = 0) -> Any:
+    """A 2-layer SigLIP vision model (hidden 24, 32 px, patch 8), random."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(seed)
+    config = SiglipVisionConfig(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=32, patch_size=8)
+    return SiglipVisionModel(config).eval()
+
+
+def load_image_encoder(config: TrainConfig, spec: AdapterSpec) -> Any:
+    """The CLIP or SigLIP image encoder the variant needs (None for FaceID, which only reads ArcFace ids)."""
+    from ..encoders.siglip import SiglipImageEncoder
+
     kinds = clip_kinds(spec)
     if not kinds:
         return None
+    siglip = encoder_of(spec)[0].kind == "siglip"
     if config.base in DEMO_BASES and not config.image_encoder:
-        log.info("--base demo: tiny CLIP vision model with RANDOM weights, built in code")
-        return ClipImageEncoder(tiny_clip_vision(), kinds=kinds)
-    return ClipImageEncoder.from_pretrained(image_encoder_source(config, spec), kinds=kinds)
+        log.info("--base demo: tiny image encoder with RANDOM weights, built in code")
+        return SiglipImageEncoder(tiny_siglip_vision(), kinds=kinds) if siglip else ClipImageEncoder(
+            tiny_clip_vision(), kinds=kinds)
+    cls = SiglipImageEncoder if siglip else ClipImageEncoder
+    return cls.from_pretrained(image_encoder_source(config, spec), kinds=kinds)
 
 
 def load_models(config: TrainConfig, spec_name: str, need_encoders: bool = True) -> tuple[Models, AdapterSpec]:
     """Build or load every frozen model (fp32, CPU; :func:`place` moves them) and resolve the variant."""
     family = base_family(config.base)
     spec = resolve_spec(spec_name, family)
-    if config.base in DEMO_BASES:
+    if family in DIT_BASES:
+        from .dit import demo_components, pretrained_components
+
+        parts = demo_components(family) if config.base in DEMO_BASES else pretrained_components(
+            config.base, family, need_encoders)
+        if not need_encoders:
+            parts.update(vae=None, text_encoders=[])
+    elif config.base in DEMO_BASES:
         parts = _demo_components(family)
         if not need_encoders:
             parts.update(vae=None, text_encoders=[])
     else:
         parts = _pretrained_components(config.base, family, need_encoders)
     encoder = load_image_encoder(config, spec) if need_encoders else None
-    models = Models(family=family, image_encoder=encoder, source=config.base, **parts)
+    if config.face_models and "face_id" not in spec.features:
+        raise LookalikeError(f"--face-models embeds faces for FaceID adapters; {spec.name} reads no face embedding, "
+                             f"so drop --face-models")
+    faces = face_embedder(config.face_models, config.face_detector, config.yunet_model,
+                          spec.face_normed) if need_encoders else None
+    models = Models(family=family, image_encoder=encoder, faces=faces, source=config.base, **parts)
     for module in models.frozen():
         module.requires_grad_(False).eval()
     return models, spec
@@ -173,14 +204,15 @@ def place(models: Models, device: torch.device, dtype: torch.dtype) -> None:
         models.image_encoder.to(device=device, dtype=dtype)
 
 
-def fit_spec(spec: AdapterSpec, dims: dict[str, int], cross: int) -> AdapterSpec:
-    """The variant sized to this UNet and these encoder widths; trained without LoRA, no hub location.
+def fit_spec(spec: AdapterSpec, dims: dict[str, int], cross: int, lora_rank: int = 0) -> AdapterSpec:
+    """The variant sized to this UNet and these encoder widths, with a LoRA of ``lora_rank`` (0: none), no hub
+    location.
 
     With the official models nothing but ``lora_rank`` changes. Other widths (the demo's tiny models, other
     encoders) change ``embed_dim``/``clip_dim``; a UNet of another cross-attention width also gets a
     Resampler of that width and ``width // 64`` heads.
     """
-    changes: dict[str, Any] = {"lora_rank": 0, "cross_attention_dim": cross, "repo_id": None, "subfolder": None,
+    changes: dict[str, Any] = {"lora_rank": lora_rank, "cross_attention_dim": cross, "repo_id": None, "subfolder": None,
                                "filename": None}
     first = spec.features[0]
     if first in dims:
@@ -212,16 +244,21 @@ def feature_dims(models: Models, spec: AdapterSpec, cached: dict[str, int] | Non
 
 def build_adapter(spec: AdapterSpec, unet: nn.Module, seed: int, init_from: str | None = None) -> IPAdapter:
     """A trainable adapter for ``unet``: seeded projector, ``to_k_ip``/``to_v_ip`` copied from text ``to_k``/``to_v``,
-    or the weights of ``init_from`` (an official-layout checkpoint; a LoRA in it is left out)."""
+    and, when ``spec.lora_rank``, a LoRA on every attention layer (``up`` zero, so training starts at the base
+    UNet; Hu et al. 2021); or the weights of ``init_from`` (an official-layout checkpoint; its LoRA is used when
+    this run trains one of that rank, else left out)."""
     torch.manual_seed(seed)
-    adapter = IPAdapter.for_unet(spec, unet, lora=False)
+    adapter = IPAdapter.for_unet(spec, unet, lora=bool(spec.lora_rank))
     adapter.init_from_unet(unet)
     if init_from:
         sd, _ = read_checkpoint(init_from)
-        dropped = [k for k in sd if "_lora." in k]
-        sd = {k: v for k, v in sd.items() if "_lora." not in k}
-        if dropped:
-            log.info("--init-from: %d LoRA weights left out (this trainer trains no LoRA)", len(dropped))
+        lora = [k for k in sd if "_lora." in k]
+        if lora and not spec.lora_rank:
+            sd = {k: v for k, v in sd.items() if "_lora." not in k}
+            log.info("--init-from: %d LoRA weights left out (add --train-lora to train them)", len(lora))
+        elif spec.lora_rank and not lora:
+            sd.update({k: v for k, v in adapter.state_dict().items() if "_lora." in k})
+            log.info("--init-from: the file has no LoRA; the LoRA starts fresh (zero up-projection)")
         check_fits(spec, sd, adapter)
         adapter.load_state_dict(sd, strict=True)
         log.info("adapter initialised from %s", init_from)
@@ -236,6 +273,10 @@ def encode_text(models: Models, input_ids: list[torch.Tensor]) -> tuple[torch.Te
     concatenated, and the second encoder's projected pooled output (as SDXL and the official script do).
     """
     device = models.unet.device
+    if models.family in DIT_BASES:
+        from .dit import encode_dit_text
+
+        return encode_dit_text(models.family, models.text_encoders, input_ids, device)
     if models.family == "sd15":
         return models.text_encoders[0](input_ids[0].to(device))[0], None
     out1 = models.text_encoders[0](input_ids[0].to(device), output_hidden_states=True)

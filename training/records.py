@@ -11,8 +11,10 @@ from __future__ import annotations
 import glob
 import io
 import json
+import pickle
 import re
 import tarfile
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,7 @@ from PIL import Image
 
 from ..encoders.prepare import load_image
 from ..errors import LookalikeError
+from ..fileio import inside
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 FACE_SUFFIXES = (".npy", ".pt", ".safetensors")
@@ -62,13 +65,31 @@ class Record:
     problem: str | None = None  # set when the record itself is unusable (e.g. not a JSON object)
 
 
-def read_bytes(ref: Ref) -> bytes:
-    """The bytes of a file or of a tar member."""
+#: The most bytes read from a caption or face-embedding file (a 512-d embedding takes 2 KB).
+MAX_SIDE_FILE = 1 << 20
+
+
+def read_bytes(ref: Ref, limit: int | None = None) -> bytes:
+    """The bytes of a file or of a tar member; ``limit``: refuse (``ValueError``) a larger one unread."""
+    size = ref.size if isinstance(ref, TarRef) else ref.stat().st_size
+    if limit is not None and size > limit:
+        raise ValueError(f"{size} bytes, more than the {limit} such a file may have")
     if isinstance(ref, TarRef):
         with open(ref.shard, "rb") as f:
             f.seek(ref.offset)
             return f.read(ref.size)
     return ref.read_bytes()
+
+
+def _npy_vector(data: bytes) -> np.ndarray:
+    """A numeric array from ``.npy`` bytes, its header checked (numeric dtype, size) before any allocation."""
+    f = io.BytesIO(data)
+    version = np.lib.format.read_magic(f)
+    header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = header(f)
+    if dtype.kind not in "fiu" or int(np.prod(shape, dtype=np.float64)) * dtype.itemsize > MAX_SIDE_FILE:
+        raise ValueError(f"a {dtype} array of shape {shape} is not an embedding")
+    return np.load(io.BytesIO(data), allow_pickle=False)
 
 
 def _missing(ref: Ref | None) -> bool:
@@ -90,17 +111,48 @@ def read_image(ref: Ref | None) -> Image.Image:
 
 
 def read_caption(text: str | Ref | None) -> str:
-    """The caption, or :class:`SkipSample` ("empty caption" / "missing file")."""
+    """The caption, stripped; an absent or empty one is ``""`` (as the official scripts train it: the model
+    learns the image alone). :class:`SkipSample` ("unreadable caption") when a caption file cannot be read."""
     if text is not None and not isinstance(text, str):
         if _missing(text):
-            raise SkipSample("missing caption", str(text))
+            return ""
         try:
-            text = read_bytes(text).decode("utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
+            text = read_bytes(text, MAX_SIDE_FILE).decode("utf-8")
+        except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
             raise SkipSample("unreadable caption", f"{text}: {exc}") from exc
-    if text is None or not text.strip():
-        raise SkipSample("empty caption")
-    return text.strip()
+    return (text or "").strip()
+
+
+#: Float dtypes a pickled numpy face embedding may have (their classes are all the unpickler may build).
+EMBED_DTYPES = (np.float16, np.float32, np.float64)
+
+
+def numpy_globals() -> list:
+    """Exactly the globals ``torch.save`` of a float numpy array refers to: numpy's array rebuilder (under
+    its numpy 2 and numpy 1 module names), ``ndarray``, ``dtype`` and the float dtype classes."""
+    rebuild = np.zeros(1).__reduce__()[0]  # numpy._core.multiarray._reconstruct (numpy.core in numpy 1)
+    names = ("numpy._core.multiarray._reconstruct", "numpy.core.multiarray._reconstruct")
+    return [*((rebuild, name) for name in names), np.ndarray, np.dtype, *(type(np.dtype(t)) for t in EMBED_DTYPES)]
+
+
+def _torch_vector(data: bytes) -> torch.Tensor:
+    """A tensor from ``torch.save`` bytes: a plain tensor, or a float numpy array (the official FaceID data),
+    read with ``weights_only=True`` and only :func:`numpy_globals` allowed (for this call alone)."""
+    with warnings.catch_warnings():  # torch warns about pickle protocols it reads anyway
+        warnings.simplefilter("ignore", UserWarning)
+        try:
+            with torch.serialization.safe_globals(numpy_globals()):
+                value = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise ValueError("it pickles something other than a plain tensor or float array; refused unread "
+                             "(nothing in it ran)") from exc
+    if isinstance(value, np.ndarray):
+        if value.dtype.type not in EMBED_DTYPES:
+            raise ValueError(f"it holds a {value.dtype} array, not an embedding")
+        return torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"it holds a {type(value).__name__}, not a tensor or an array")
+    return value.float()
 
 
 def read_face_id(ref: Ref | None, normed: bool = True) -> torch.Tensor:
@@ -111,15 +163,15 @@ def read_face_id(ref: Ref | None, normed: bool = True) -> torch.Tensor:
         raise SkipSample("missing file", str(ref))
     name = ref.name if isinstance(ref, TarRef) else ref.name
     try:
-        data = read_bytes(ref)
+        data = read_bytes(ref, MAX_SIDE_FILE)
         if name.endswith(".npy"):
-            vec = torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False).astype(np.float32))
+            vec = torch.from_numpy(_npy_vector(data).astype(np.float32))
         elif name.endswith(".safetensors"):
             from safetensors.torch import load as load_st
 
             vec = next(iter(load_st(data).values())).float()
         else:
-            vec = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True).float()
+            vec = _torch_vector(data)
     except Exception as exc:  # any unreadable payload is one skipped sample, never the end of the run
         raise SkipSample("bad face embedding", f"{ref}: {exc}") from exc
     vec = vec.flatten()
@@ -175,12 +227,15 @@ def json_records(path: Path, root: Path) -> list[Record]:
 
         def ref(field: str, item: dict = item) -> Path | None:
             value = item.get(field)
-            return root / value if isinstance(value, str) and value else None
+            return inside(root, value, what=field, links=False) if isinstance(value, str) and value else None
 
         text = item.get("text", item.get("caption"))
-        records.append(Record(str(item.get("image_file", f"{path.name}:{i}")), ref("image_file"),
-                              text if isinstance(text, str) else None, ref("id_embed_file"),
-                              ref("reference_file") or ref("face_image_file")))
+        key = str(item.get("image_file", f"{path.name}:{i}"))
+        try:
+            records.append(Record(key, ref("image_file"), text if isinstance(text, str) else None,
+                                  ref("id_embed_file"), ref("reference_file") or ref("face_image_file")))
+        except LookalikeError:  # a path leading outside the data root: counted and skipped, never read
+            records.append(Record(key, None, None, problem="path outside the data root"))
     return records
 
 

@@ -17,7 +17,7 @@ WORLD_SEED = 0  # the seed the shipped model was rebuilt with: it fixes which su
 
 def cli_defaults() -> tuple[int, float, float]:
     """Steps, guidance and adapter scale that ``lookalike generate --model demo`` uses by default."""
-    from ..pipeline.cli import DEFAULT_GUIDANCE, DEFAULT_SCALE, DEFAULT_STEPS
+    from ..pipeline.output import DEFAULT_GUIDANCE, DEFAULT_SCALE, DEFAULT_STEPS
 
     return DEFAULT_STEPS, DEFAULT_GUIDANCE["sd15"], DEFAULT_SCALE
 
@@ -42,8 +42,8 @@ def upscale(image: np.ndarray, factor: int = 4) -> np.ndarray:
 def write_grid(out: str | Path, model_dir: str | Path | None = None, subjects: int = 10, per_subject: int = 4,
                seed: int = WORLD_SEED) -> Path:
     """``demo_grid.png``: per held-out subject, its reference then what the model drew for new captions."""
-    from ..pipeline.cli_output import save_png  # PNG with settings in its metadata
     from ..pipeline.demo import trained_demo_personalizer
+    from ..pipeline.output import save_png  # PNG with settings in its metadata
 
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)

@@ -39,7 +39,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.rebuild:
         import logging
 
-        from .build import rebuild
+        from ..world.build import rebuild
 
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         model_dir = str(rebuild(args.rebuild, quick=args.quick))
@@ -50,11 +50,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if not DEMO_TRAINED:
             raise LookalikeError(f"no trained demo model in {DEMO_DIR}; rebuild one with `lookalike demo --rebuild DIR`")
     if args.out:
-        from .demo import write_grid
+        from ..world.demo import write_grid
 
         print(f"wrote {write_grid(args.out, model_dir, per_subject=args.per_subject)}")
     if args.evaluate:
-        from .demo import evaluate_model
+        from ..world.demo import evaluate_model
 
         _, table = evaluate_model(model_dir, per_subject=args.per_subject)
         sys.stdout.write(table + "\n")

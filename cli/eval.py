@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LookalikeError
-from .metrics import LABELS, METRICS
+from ..evaluation.metrics import LABELS, METRICS
 
 DEMO = "demo"
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -139,7 +139,7 @@ def _load_personalizer(args: argparse.Namespace, device: Any, dtype: Any) -> tup
 
 def _load_scorers(args: argparse.Namespace, metrics: tuple[str, ...], device: Any) -> tuple[Any, dict[str, str]]:
     """The metric models (demo ones where asked), and their names for run.json."""
-    from .scorers import Scorers, load_scorers
+    from ..evaluation.scorers import Scorers, load_scorers
 
     demo = args.model == DEMO
     clip = args.clip_model or (DEMO if demo else DEFAULT_CLIP_MODEL)
@@ -148,11 +148,11 @@ def _load_scorers(args: argparse.Namespace, metrics: tuple[str, ...], device: An
     scorers = load_scorers(real, clip_model=clip, dino_model=dino, face_model=args.face_model, device=device,
                            face_detector=args.face_detector, yunet_model=args.yunet_model) if real else Scorers()
     if clip == DEMO and {"clip_i", "clip_t"} & set(metrics):
-        from .demo import demo_clip_scorer
+        from ..evaluation.demo import demo_clip_scorer
 
         scorers.clip = demo_clip_scorer()
     if dino == DEMO and "dino" in metrics:
-        from .demo import demo_dino_scorer
+        from ..evaluation.demo import demo_dino_scorer
 
         scorers.dino = demo_dino_scorer()
     names = {"clip_i": clip, "clip_t": clip, "dino": dino, "face": args.face_model}
@@ -171,14 +171,14 @@ def _print_summary(summary: Any, out: Path) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     """Run ``lookalike eval`` (or ``--compare``); returns the exit code."""
     if args.compare:
-        from .report import compare
+        from ..evaluation.report import compare
 
         print(compare(*args.compare), end="")
         return 0
     if not args.subjects or not args.out:
         raise LookalikeError("lookalike eval needs --subjects DIR and --out DIR (or --compare RUN_A RUN_B)")
-    from .run import choose_metrics, current_process, evaluate
-    from .subjects import load_subject_set
+    from ..evaluation.run import choose_metrics, current_process, evaluate
+    from ..evaluation.subjects import load_subject_set
 
     subject_set = load_subject_set(args.subjects).limited(args.limit_subjects, args.limit_prompts)
     metrics = choose_metrics(args.metrics, subject_set)
