@@ -195,6 +195,10 @@ def test_damaged_landmarks_and_a_foreign_identitynet_are_refused(instantid, tmp_
     with safe_open(str(file), "pt") as f:
         meta = f.metadata()
     save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
+    with pytest.raises(LookalikeError, match="'landmarks.kps' holds NaN"):  # the file reader's own check
+        Subject.load(tmp_path / "bad.safetensors")
+    tensors["landmarks.kps"] = torch.zeros(1, 4, 2)  # finite, but not 5 keypoints
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
     with pytest.raises(LookalikeError, match="damaged face landmarks"):
         Subject.load(tmp_path / "bad.safetensors")
     sd15 = fresh_pipe("sd15")
