@@ -182,7 +182,7 @@ class LayoutRecorder:
 
     def _on_unet_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         t = args[1] if len(args) > 1 else kwargs.get("timestep")
-        if self.recording and t is not None and self.handle.progress(t) >= self.start:
+        if self.recording and t is not None and self.handle.span(t)[0] >= self.start:
             self.finish()
 
     @contextmanager
