@@ -2,7 +2,10 @@
 
 ``out = Attn(Q, K_text, V_text) + sum_a scale_a * mask_a * Attn(Q, K_ip_a, V_ip_a)``.
 The backend (SDPA or xformers) is an argument of :func:`attention`, never a copy of the processor.
-Image keys and values come precomputed from the conditioning (once per generation, not per step).
+Image keys and values come precomputed from the conditioning (once per generation, not per step), with the
+scale folded into the values (``scale * Attn(Q, K, V) = Attn(Q, K, scale * V)``), and each image term is added
+to the text attention before the heads are merged: a plain adapter adds two operations per layer and step,
+its attention and one add (issue 21: an eager step on a GPU is bound by kernel launches).
 """
 
 from __future__ import annotations
@@ -20,32 +23,53 @@ BACKENDS = ("sdpa", "xformers")
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-              backend: str = "sdpa") -> torch.Tensor:
-    """Multi-head attention on ``(B, heads, L, d)`` tensors; returns ``(B, L, heads * d)``."""
-    b, h, n, d = q.shape
+              backend: str = "sdpa", merge: bool = True) -> torch.Tensor:
+    """Multi-head attention on ``(B, heads, L, d)`` tensors; returns ``(B, L, heads * d)``, or with
+    ``merge=False`` ``(B, heads, L, d)`` (to add more terms before one :func:`merge_heads`)."""
     if backend == "xformers" and mask is None and q.is_cuda:
         import xformers.ops as xops
 
         out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        return out.reshape(b, n, h * d).to(q.dtype)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
-    return out.transpose(1, 2).reshape(b, n, h * d).to(q.dtype)  # (B, L, heads*d)
+        out = out.transpose(1, 2)  # (B, heads, L, d) view
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
+    return merge_heads(out, q.dtype) if merge else out
+
+
+def merge_heads(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``(B, heads, L, d)`` -> ``(B, L, heads * d)`` in ``dtype`` (a view for SDPA's own output layout)."""
+    b, h, n, d = out.shape
+    return out.transpose(1, 2).reshape(b, n, h * d).to(dtype)
+
+
+def add_weighted(total: torch.Tensor | None, out: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """``total + weight * out`` in one operation (``weight``: a region mask and/or a window gate, or None)."""
+    if total is None:
+        return out if weight is None else out * weight
+    return total + out if weight is None else torch.addcmul(total, out, weight)
+
+
+def term_weight(region: torch.Tensor | None, gate: torch.Tensor | None) -> torch.Tensor | None:
+    """What multiplies an image term: its region, its compiled window gate, both, or nothing."""
+    if gate is None:
+        return region
+    return gate if region is None else region * gate
 
 
 def attention_with_probs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`attention` computed explicitly, also returning ``softmax(QK^T / sqrt(d))`` ``(B, heads, L, S)``.
+    """:func:`attention` with ``merge=False`` computed explicitly, also returning ``softmax(QK^T / sqrt(d))``
+    ``(B, heads, L, S)``.
 
     For layers whose probabilities are recorded (auto layout): one attention, not SDPA plus a second one; it
     materialises the probabilities (float32) instead of using a fused kernel.
     """
-    b, h, n, d = q.shape
+    d = q.shape[-1]
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * d ** -0.5
     if mask is not None:
         scores = scores + mask.float()
     probs = scores.softmax(dim=-1)  # (B, heads, L, S)
-    out = torch.matmul(probs.to(v.dtype), v)
-    return out.transpose(1, 2).reshape(b, n, h * d).to(q.dtype), probs
+    return torch.matmul(probs.to(v.dtype), v), probs
 
 
 def _with_lora(base: torch.Tensor, x: torch.Tensor, loras: list[tuple[float, torch.nn.Module]]) -> torch.Tensor:
@@ -107,17 +131,19 @@ class DecoupledAttnProcessor:
             key, value = self.handle.text_kv(
                 self.layer.index, context, lambda: _text_kv(attn, context, lk, lv, batch_size, head_dim))
         if record:  # auto layout: this layer's text attention probabilities are recorded (adapters/layout.py)
-            hidden_states, probs = attention_with_probs(query, key, value, attention_mask)
+            out, probs = attention_with_probs(query, key, value, attention_mask)
             recorder.record(self.layer, probs)
         else:
             backend = self.backend if attention_mask is None else "sdpa"
-            hidden_states = attention(query, key, value, attention_mask, backend)  # (B, N, inner)
+            out = attention(query, key, value, attention_mask, backend, merge=False)  # (B, heads, N, d)
 
         for term in active:
-            for k_ip, v_ip, scale, region in term.pieces(self.layer, attn.heads, head_dim, batch_size,
-                                                         query.shape[2], query.dtype, query.device):
-                ip_out = attention(query, k_ip, v_ip, None, self.backend)
-                hidden_states = hidden_states + scale * (ip_out if region is None else ip_out * region)
+            gate = self.handle.gate(term)
+            for k_ip, v_ip, region in term.pieces(self.layer, batch_size, query.shape[2], query.dtype,
+                                                  query.device):  # v_ip carries the scale
+                ip_out = attention(query, k_ip, v_ip, None, self.backend, merge=False)
+                out = add_weighted(out, ip_out, term_weight(None if region is None else region.unsqueeze(1), gate))
+        hidden_states = merge_heads(out, query.dtype)  # (B, N, inner)
 
         out = _with_lora(attn.to_out[0](hidden_states), hidden_states, lo)
         hidden_states = attn.to_out[1](out)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import LookalikeError
-from .attention import attention
+from .attention import add_weighted, attention, term_weight
 
 if TYPE_CHECKING:
     from .attach import AdapterHandle
@@ -87,17 +87,17 @@ class _DitProcessor:
         self.backend = backend
 
     def image_terms(self, active: list, query: torch.Tensor, flavor: str) -> torch.Tensor | None:
-        """Sum of ``scale * mask * Attn(query, K_ip, V_ip)`` over the active terms of one flavor."""
+        """Sum of ``scale * mask * Attn(query, K_ip, V_ip)`` over the active terms of one flavor (the scale
+        is folded into ``V_ip``: one attention and one add per term)."""
         total = None
-        heads, head_dim = query.shape[1], query.shape[3]
         for term in active:
             if term.adapter.spec.flavor != flavor:
                 continue
-            for k_ip, v_ip, scale, region in term.pieces(self.layer, heads, head_dim, query.shape[0],
-                                                         query.shape[2], query.dtype, query.device):
-                out = attention(query, k_ip.to(query.dtype), v_ip.to(query.dtype), None, self.backend)
-                out = scale * (out if region is None else out * region)
-                total = out if total is None else total + out
+            gate = self.handle.gate(term)
+            for k_ip, v_ip, region in term.pieces(self.layer, query.shape[0], query.shape[2], query.dtype,
+                                                  query.device):
+                out = attention(query, k_ip, v_ip, None, self.backend)
+                total = add_weighted(total, out, term_weight(region, gate))
         return total
 
 
@@ -174,7 +174,8 @@ class SD3JointProcessor(_DitProcessor):
                     ip.norm_q.to(q.device), ip.norm_k.to(q.device)
                 keys = torch.cat([ip.norm_k(k_raw), k_ip], 2)
                 extra = attention(ip.norm_q(q_raw), keys, torch.cat([v, v_ip], 2), None, self.backend)
-                image = image + scale * (extra if region is None else extra * region)
+                weight = None if region is None else scale * region
+                image = image.add(extra, alpha=scale) if weight is None else torch.addcmul(image, extra, weight)
         image = attn.to_out[1](attn.to_out[0](image))
         if attn.context_pre_only:
             return image, context

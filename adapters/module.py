@@ -65,7 +65,7 @@ def attention_layers(model: nn.Module) -> list[AttnLayer]:
         hidden = attn.to_k.out_features
         if family == "unet":
             is_cross = bool(getattr(attn, "is_cross_attention", False)) and "motion_modules" not in name
-            layers.append(AttnLayer(index, name, hidden, attn.to_k.in_features, is_cross))
+            layers.append(AttnLayer(index, name, hidden, attn.to_k.in_features, is_cross, "unet", attn.heads))
         elif family == "flux":
             kind = "flux_single" if name.startswith("single_transformer_blocks.") else "flux_double"
             layers.append(AttnLayer(index, name, hidden, model.context_embedder.in_features, True, kind, attn.heads))
