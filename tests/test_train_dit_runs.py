@@ -20,6 +20,8 @@ from lookalike.training.dit import pretrained_components
 from lookalike.training.loop import train
 from lookalike.training.models import tiny_clip_vision, tiny_siglip_vision
 
+from helpers import one_error
+
 FOLDERS = [("flux", "demo-flux", "flux-ip"), ("sd3", "demo-sd3", "sd35-ip")]
 
 
@@ -39,14 +41,6 @@ def saved(tmp_path_factory):
     tiny_sd3_pipeline(seed=0).save_pretrained(root / "sd3")
     tiny_siglip_vision().save_pretrained(root / "sd3" / "image_encoder")
     return root
-
-
-def _error_line(capsys) -> str:
-    """The one ``error:`` line the CLI printed (loaders' progress bars may come before it; no traceback)."""
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
-    return lines[0]
 
 
 def _argv(data, out, base, adapter, *more):
@@ -87,7 +81,7 @@ def test_a_folder_missing_a_part_is_one_error_line(tmp_path, saved, capsys):
     shutil.rmtree(base / "text_encoder_2")
     data = write_json_set(tmp_path / "data", 2)
     assert main(_argv(data, tmp_path / "o", base, "flux-ip")) == 2
-    assert _error_line(capsys).startswith("error: cannot load text_encoder_2/ of the base model")
+    assert one_error(capsys).startswith("error: cannot load text_encoder_2/ of the base model")
     with pytest.raises(LookalikeError, match="tokenizer_2/"):
         shutil.rmtree(base / "tokenizer_2")
         pretrained_components(str(base), "flux", False)
@@ -99,7 +93,7 @@ def test_timestep_bias_is_refused_on_flow_matching_bases(tmp_path, saved, capsys
     base = saved / "flux" if which == "folder" else which
     adapter = "flux-ip" if which == "folder" else "sd35-ip"
     assert main(_argv(data, tmp_path / "o", base, adapter, "--timestep-bias", "later")) == 2
-    line = _error_line(capsys)
+    line = one_error(capsys)
     assert line.startswith("error: --timestep-bias biases DDPM timesteps") and "--weighting-scheme" in line
     assert not (tmp_path / "o" / "adapter.safetensors").exists()
     with pytest.raises(LookalikeError, match="--timestep-bias"):  # the API refuses it too
