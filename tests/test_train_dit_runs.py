@@ -5,6 +5,7 @@ models they were saved from), validation images through the library's generation
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 
 import numpy as np
@@ -120,3 +121,31 @@ def test_dit_validation_writes_images_that_follow_the_adapter(tmp_path, base, ad
     assert np.array_equal(a[:32], b[:32])
     assert a[32:].std() > 1 and b[32:].std() > 1
     assert np.abs(a[32:] - b[32:]).max() > 2, "the adapter changed, so must the images"
+
+
+def test_a_validation_that_generates_nan_is_one_warning_and_writes_no_image(tmp_path, caplog):
+    """A diverged adapter: the held-out loss is still returned, the NaN images are refused (never saved black)
+    and the run is not stopped by it."""
+    from lookalike.training.loop import build_run, build_trainer, draw_settings, make_accelerator
+    from lookalike.training.validation import make_validation_set, reference_images, validate
+
+    data = write_json_set(tmp_path / "data", 6)
+    cfg = run_config(tmp_path, data, base="demo-flux", adapter="flux-ip", num_validation=2, validate_every=1,
+                     validation_steps=2)
+    run = build_run(cfg, make_accelerator(cfg))
+    trainer, *_ = build_trainer(run)
+    vset = make_validation_set(run.val_source, cfg.seed, draw_settings(run), reference_images(run.val_records))
+    log = logging.getLogger("lookalike.train")
+    log.addHandler(caplog.handler)  # a CLI run in this process stops the logger propagating to pytest's handler
+    try:
+        with torch.no_grad():
+            for p in trainer.adapter.parameters():
+                p.fill_(float("nan"))
+        loss = validate(run, trainer, vset, 3)
+    finally:
+        log.removeHandler(caplog.handler)
+        trainer.handle.detach()
+    assert np.isnan(loss)
+    warned = sorted({r.getMessage() for r in caplog.records if r.levelno == logging.WARNING})  # one, maybe seen twice
+    assert len(warned) == 1 and warned[0].startswith("step 3: no validation images written: the model produced NaN")
+    assert not (tmp_path / "out" / "validation").exists()
