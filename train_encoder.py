@@ -13,15 +13,29 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 from lookalike.errors import LookalikeError
 from lookalike.training.config import FlagError, TrainConfig, parse_args
 
 
+class _Stderr(logging.StreamHandler):
+    """A handler writing to ``sys.stderr`` as it is at each message (a caller, or pytest, may replace it after
+    the first run; a handler bound to the old stream would write to a closed file)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def _setup_logging() -> None:
     log = logging.getLogger("lookalike.train")
     if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _Stderr()
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)

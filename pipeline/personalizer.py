@@ -53,10 +53,13 @@ class Personalizer:
     ``Personalizer(pipe)`` attaches lookalike's processors to ``pipe.unet`` (SD1.5, SDXL) or
     ``pipe.transformer`` (FLUX.1, SD3.5; any of their pipelines: text-to-image, img2img, inpaint, Fill,
     ControlNet); adapters are stacked with :meth:`load_adapter` and conditioned per call of :meth:`generate`.
+    ``handle``: processors already attached to the model, with their adapters (a training run's): generation
+    goes through them instead of attaching again.
     """
 
     def __init__(self, pipe: Any, *, backend: str = "sdpa", image_encoder: Any = None,
-                 face_encoder: Any = None, face_options: Mapping[str, Any] | None = None) -> None:
+                 face_encoder: Any = None, face_options: Mapping[str, Any] | None = None,
+                 handle: AdapterHandle | None = None) -> None:
         model = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
         if model is None or not hasattr(model, "attn_processors"):
             raise LookalikeError("Personalizer needs a diffusers pipeline with a UNet (SD1.5, SDXL) or a FLUX/SD3 "
@@ -68,7 +71,9 @@ class Personalizer:
         for encoder in (clip, face_encoder):
             if encoder is not None:
                 self.encoders.set(encoder)
-        self.handle: AdapterHandle = attach_adapters(model, backend=backend)
+        if handle is not None and (handle.model is not model or not handle.attached):
+            raise LookalikeError("the given handle is not attached to this pipeline's model")
+        self.handle: AdapterHandle = handle or attach_adapters(model, backend=backend)
         self.identitynets: dict[str, Any] = {}  # adapter name -> its IdentityNet (InstantID's ControlNet)
 
     @classmethod
@@ -449,7 +454,9 @@ class Personalizer:
             prompt = DEFAULT_PROMPT
             if pipeline_kwargs.get("negative_prompt") is None and pipeline_kwargs.get("negative_prompt_embeds") is None:
                 pipeline_kwargs["negative_prompt"] = DEFAULT_NEGATIVE_PROMPT
-        prompts = len(prompt) if isinstance(prompt, list) else 1
+        embeds = pipeline_kwargs.get("prompt_embeds")
+        prompts = len(prompt) if isinstance(prompt, list) else (
+            int(embeds.shape[0]) if prompt is None and torch.is_tensor(embeds) else 1)
         per_prompt = int(pipeline_kwargs.get("num_images_per_prompt") or 1)
         with faceid_plus_controls(self.adapters, s_scale, shortcut):
             inputs = self.condition_inputs(image_embeds, negative_image_embeds, scale, masks, window,

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from test_train_helpers import run_config, single_thread, weights, write_face_id, write_image, write_json_set
 
 from lookalike.pipeline.tiny import tiny_pipeline
@@ -136,6 +137,9 @@ def test_validation_holds_references_out_and_writes_a_grid(tmp_path):
     grids = sorted(p.name for p in (Path(result.adapter_path).parent / "validation").iterdir())
     assert grids == ["step-000001.png", "step-000002.png"]
     assert set(result.val_losses) == {1, 2} and all(np.isfinite(list(result.val_losses.values())))
+    text = Image.open(Path(result.adapter_path).parent / "validation" / grids[1]).text  # as the DiT grids'
+    assert text["step"] == "2" and text["adapter"] == "ip-adapter_sd15" and text["guidance"] == "7.5"
+    assert json.loads(text["references"]) == ["img4.png", "img5.png"]
 
 
 def test_init_from_starts_at_the_given_adapter(tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from ..adapters.spec import REGISTRY
+from ..adapters.spec import DIT_BASES, REGISTRY
 from ..errors import LookalikeError
 from .data import TIMESTEP_BIASES
 from .flow import WEIGHTING_SCHEMES
@@ -264,6 +264,15 @@ def check_config(config: TrainConfig) -> None:
     if config.face_models and not Path(config.face_models).expanduser().is_dir():
         raise FlagError(f"--face-models {config.face_models}: no such folder")
     check_data_path(config.data)
+
+
+def check_family(config: TrainConfig, family: str) -> None:
+    """Refuse flags that mean nothing for this base family (known once the base is read)."""
+    if family in DIT_BASES and config.timestep_bias != "none":
+        raise FlagError(f"--timestep-bias biases DDPM timesteps (SD1.5/SDXL); this {family} base trains by flow "
+                        f"matching, whose timesteps --weighting-scheme draws: logit_normal with --logit-mean below 0 "
+                        f"favours the noisier end (as --timestep-bias later), above 0 the cleaner, or mode with "
+                        f"--mode-scale; drop --timestep-bias")
 
 
 def check_data_path(data: str) -> None:

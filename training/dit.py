@@ -19,6 +19,7 @@ from torch import nn
 from ..adapters.attach import AdapterInput, attach_adapters
 from ..adapters.module import IPAdapter
 from ..adapters.spec import AdapterSpec
+from ..errors import LookalikeError
 from .flow import FlowSettings, flow_inputs, pack_flux
 
 log = logging.getLogger("lookalike.train")
@@ -46,41 +47,47 @@ def demo_components(family: str) -> dict[str, Any]:
             "tokenizers": [getattr(pipe, f"tokenizer{n}") for n in names]}
 
 
-def pretrained_components(base: str, family: str, need_encoders: bool) -> dict[str, Any]:
-    """The frozen parts of a FLUX.1 or SD3.5 diffusers folder or hub id (fp32; ``place`` casts them)."""
+def pretrained_components(base: str, family: str, need_encoders: bool,
+                          dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """The frozen parts of a FLUX.1 or SD3.5 diffusers folder or hub id, each from its subfolder as diffusers'
+    pipelines lay them out (FLUX: ``text_encoder`` CLIP, ``text_encoder_2`` T5; SD3.5: two CLIPs and
+    ``text_encoder_3`` T5), the transformer and text encoders loaded straight in ``dtype`` (the run's
+    ``--mixed-precision``: a bf16 FLUX transformer never exists in fp32 in memory). Tokenizers load as their
+    ``tokenizer_config.json`` names them (T5's fast or slow tokenizer, or any other)."""
     from diffusers import (
         AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
         FluxTransformer2DModel,
         SD3Transformer2DModel,
     )
-    from transformers import (
-        CLIPTextModel,
-        CLIPTextModelWithProjection,
-        CLIPTokenizer,
-        T5EncoderModel,
-        T5TokenizerFast,
-    )
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
 
-    model = FluxTransformer2DModel if family == "flux" else SD3Transformer2DModel
+    from ..compat import diffusers_dtype, transformers_dtype
+
+    flux = family == "flux"
+    texts = ("", "_2") if flux else ("", "_2", "_3")
     parts: dict[str, Any] = {
-        "unet": model.from_pretrained(base, subfolder="transformer"),
-        "noise_scheduler": FlowMatchEulerDiscreteScheduler.from_pretrained(base, subfolder="scheduler"),
+        "unet": _load(base, "transformer", FluxTransformer2DModel if flux else SD3Transformer2DModel,
+                      **diffusers_dtype(dtype)),
+        "noise_scheduler": _load(base, "scheduler", FlowMatchEulerDiscreteScheduler),
+        "tokenizers": [_load(base, f"tokenizer{n}", AutoTokenizer) for n in texts],
     }
-    clips = ["tokenizer"] if family == "flux" else ["tokenizer", "tokenizer_2"]
-    t5 = "tokenizer_2" if family == "flux" else "tokenizer_3"
-    parts["tokenizers"] = [CLIPTokenizer.from_pretrained(base, subfolder=c) for c in clips]
-    parts["tokenizers"].append(T5TokenizerFast.from_pretrained(base, subfolder=t5))
     if need_encoders:
-        parts["vae"] = AutoencoderKL.from_pretrained(base, subfolder="vae")
-        if family == "flux":
-            encoders = [CLIPTextModel.from_pretrained(base, subfolder="text_encoder")]
-        else:
-            encoders = [CLIPTextModelWithProjection.from_pretrained(base, subfolder=f"text_encoder{n}")
-                        for n in ("", "_2")]
-        encoders.append(T5EncoderModel.from_pretrained(base, subfolder="text_encoder_" + t5[-1]))
-        parts["text_encoders"] = encoders
+        parts["vae"] = _load(base, "vae", AutoencoderKL, **diffusers_dtype(dtype))
+        clip = CLIPTextModel if flux else CLIPTextModelWithProjection
+        parts["text_encoders"] = [_load(base, f"text_encoder{n}", T5EncoderModel if n == texts[-1] else clip,
+                                        **transformers_dtype(dtype)) for n in texts]
     return parts
+
+
+def _load(base: str, subfolder: str, cls: Any, **kwargs: Any) -> Any:
+    """``cls.from_pretrained(base, subfolder=...)``, a failure as one sentence naming the part."""
+    try:
+        return cls.from_pretrained(base, subfolder=subfolder, **kwargs)
+    except (OSError, ValueError, TypeError, KeyError) as exc:  # missing files, bad configs, wrong classes
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise LookalikeError(f"cannot load {subfolder}/ of the base model {base!r} as {cls.__name__} ({first}); "
+                             f"pass a diffusers FLUX.1 or SD3.5 folder or hub id") from exc
 
 
 @torch.no_grad()

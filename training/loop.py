@@ -9,7 +9,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Container
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +32,7 @@ from .checkpoint import (
     resume_folder,
     save_checkpoint,
 )
-from .config import DEMO_BASES, TrainConfig
+from .config import DEMO_BASES, TrainConfig, check_family
 from .data import DrawSettings, ImageSource, SampleSource, SampleStream, make_loader, next_batch
 from .dit import DitTrainer, build_dit_adapter, export_dit, fit_dit_spec
 from .flow import FlowSettings
@@ -42,17 +42,17 @@ from .models import (
     build_adapter,
     fit_spec,
     load_models,
-    move,
     negative_features,
     place,
     resolve_spec,
+    run_dtype,
 )
-from .records import Record, SkipSample, find_records, read_image
+from .progress import Progress, note_skips, sum_skips
+from .records import Record, SkipSample, find_records
 from .step import AdapterTrainer, Constants, constants_from_models, loss_of, model_inputs
-from .validation import make_validation_set, save_grid, validation_images, validation_loss
+from .validation import make_validation_set, reference_images, validate
 
 log = logging.getLogger("lookalike.train")
-DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -149,6 +149,7 @@ def build_run(config: TrainConfig, accelerator: Any, models: Models | None = Non
     """Models (loaded, or the ones given), constants and data sources (building the cache when asked);
     None after ``--build-cache``."""
     family = base_family(config.base)
+    check_family(config, family)
     spec = resolve_spec(config.adapter, family)
     records = find_records(config.data, config.data_root)
     resolution = default_resolution(config, family)
@@ -158,7 +159,7 @@ def build_run(config: TrainConfig, accelerator: Any, models: Models | None = Non
     manifest = read_manifest(folder, stamp) if folder else None
     if models is None:
         models, spec = load_models(config, spec.name, need_encoders=folder is None or manifest is None)
-    dtype = DTYPES[config.mixed_precision]
+    dtype = run_dtype(config)
     place(models, accelerator.device, dtype)
     if folder is None or manifest is None:
         consts = constants_from_models(models, negative_features(models, spec))
@@ -252,25 +253,6 @@ def make_optimizer(config: TrainConfig, params: Any) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
-def _sum_skips(accelerator: Any, state: TrainState, new: Counter) -> None:
-    """Add every process's new skip counts into the shared state (a collective call)."""
-    from accelerate.utils import gather_object
-
-    total = Counter(state.skipped)
-    for counts in gather_object([dict(new)]):
-        total.update(counts)
-    state.skipped = dict(total)
-    new.clear()
-
-
-def _note_skips(skipped: list[tuple[str, str, str]], new: Counter, seen: set) -> None:
-    for reason, key, detail in skipped:
-        new[reason] += 1
-        if key not in seen:
-            seen.add(key)
-            log.warning("skipped %s: %s", key, detail)
-
-
 def _micro_step(run: Run, trainer: Any, optimizer: Any, batch: dict[str, Any]) -> torch.Tensor:
     acc, c = run.accelerator, run.config
     with acc.accumulate(trainer):
@@ -281,44 +263,6 @@ def _micro_step(run: Run, trainer: Any, optimizer: Any, batch: dict[str, Any]) -
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return loss.detach()
-
-
-def _validate(run: Run, trainer: Any, vset: Any, state: TrainState, result: TrainResult) -> None:
-    """Held-out loss (and images) on the main process."""
-    acc, c = run.accelerator, run.config
-    model = acc.unwrap_model(trainer)
-    with acc.autocast():
-        loss = validation_loss(model, run.models, run.consts, vset, acc.device)
-        result.val_losses[state.step] = loss
-        acc.log({"val_loss": loss}, step=state.step)
-        log.info("step %d: held-out loss %.5f", state.step, loss)
-        if run.models.family in DIT_BASES:
-            return  # held-out loss only: validation images are generated for UNet bases
-        vae = run.models.vae or move(load_vae(c), acc.device, DTYPES[c.mixed_precision])
-        run.models.vae = vae
-        images = validation_images(model, run.models, run.consts, vset, vae, c.validation_steps, run.resolution,
-                                   c.seed)
-    save_grid(vset.references, images, Path(c.output) / "validation" / f"step-{state.step:06d}.png")
-
-
-def load_vae(config: TrainConfig) -> torch.nn.Module:
-    """The VAE alone (validation images when the cache replaced it)."""
-    from diffusers import AutoencoderKL
-
-    from ..pipeline.tiny import tiny_vae
-
-    vae = tiny_vae(0) if config.base in DEMO_BASES else AutoencoderKL.from_pretrained(config.base, subfolder="vae")
-    return vae.eval().requires_grad_(False)
-
-
-def _reference_images(records: list[Record]) -> list[Any]:
-    images = []
-    for r in records:
-        try:
-            images.append(read_image(r.image))
-        except SkipSample:
-            images.append(None)
-    return images
 
 
 def train(config: TrainConfig, models: Models | None = None) -> TrainResult:
@@ -368,33 +312,13 @@ def _train(config: TrainConfig, accelerator: Any, models: Models | None) -> Trai
         accelerator.end_training()
 
 
-class _Progress:
-    """The tqdm bar (loss, samples/s, lr, skipped), the tracker log and the per-step timings."""
-
-    def __init__(self, acc: Any, config: TrainConfig, state: TrainState) -> None:
-        from tqdm.auto import tqdm
-
-        self.acc, self.per_step = acc, config.batch_size * acc.num_processes * config.grad_accum
-        self.bar = tqdm(total=config.steps, initial=state.step, disable=not acc.is_main_process, desc="train",
-                        unit="step")
-        self.start, self.start_step, self.recent = time.perf_counter(), state.step, deque(maxlen=20)
-
-    def update(self, state: TrainState, loss: float, lr: float, skipped: int) -> None:
-        self.recent.append(loss)
-        rate = (state.step - self.start_step) * self.per_step / (time.perf_counter() - self.start)
-        self.bar.set_postfix(loss=f"{sum(self.recent) / len(self.recent):.4f}", samples_s=f"{rate:.2f}",
-                             lr=f"{lr:.2e}", skipped=skipped)
-        self.bar.update(1)
-        self.acc.log({"loss": loss, "lr": lr, "samples_per_s": rate}, step=state.step)
-
-
 def _step(run: Run, trainer: Any, optimizer: Any, loader: Any, state: TrainState, skips: Counter, seen: set) -> float:
     """One optimizer step over ``grad_accum`` micro-batches; the loss averaged over them and all processes."""
     acc, c = run.accelerator, run.config
     losses = []
     for _ in range(c.grad_accum):
         batch = next_batch(loader)
-        _note_skips(batch.pop("skipped"), skips, seen)
+        note_skips(batch.pop("skipped"), skips, seen)
         losses.append(_micro_step(run, trainer, optimizer, batch))
         state.consumed += c.batch_size * acc.num_processes
     state.step += 1
@@ -408,7 +332,7 @@ def _loop(run: Run, trainer: Any, optimizer: Any, schedule: Any, ema: EMA | None
     settings = draw_settings(run)
     vset = None
     if acc.is_main_process and run.val_source is not None and c.validate_every:
-        vset = make_validation_set(run.val_source, c.seed, settings, _reference_images(run.val_records))
+        vset = make_validation_set(run.val_source, c.seed, settings, reference_images(run.val_records))
     if acc.is_main_process:
         acc.init_trackers("lookalike-train", config={k: v for k, v in vars(c).items() if v is not None})
     stream = SampleStream(run.train_source, c.seed, settings)
@@ -416,7 +340,7 @@ def _loop(run: Run, trainer: Any, optimizer: Any, schedule: Any, ema: EMA | None
                               c.num_workers))
     adapter = acc.unwrap_model(trainer).adapter
     info = {"base": c.base, "data": c.data, "seed": c.seed, "variant": run.spec.name}
-    result, skips, seen, progress = TrainResult(steps=state.step), Counter(), set(), _Progress(acc, c, state)
+    result, skips, seen, progress = TrainResult(steps=state.step), Counter(), set(), Progress(acc, c, state)
     try:
         while state.step < c.steps:
             began, began_cpu = time.perf_counter(), time.process_time()
@@ -430,10 +354,10 @@ def _loop(run: Run, trainer: Any, optimizer: Any, schedule: Any, ema: EMA | None
             progress.update(state, loss, schedule.get_last_lr()[0], sum(state.skipped.values()) + sum(skips.values()))
             last = state.step == c.steps
             if last or (c.checkpoint_every and state.step % c.checkpoint_every == 0):
-                _sum_skips(acc, state, skips)
+                sum_skips(acc, state, skips)
                 save_checkpoint(acc, c, state, trainer, optimizer, schedule, ema, info)
             if vset is not None and (last or state.step % c.validate_every == 0):
-                _validate(run, trainer, vset, state, result)
+                result.val_losses[state.step] = validate(run, trainer, vset, state.step)
     finally:
         progress.bar.close()  # ends its line, so an error prints on a line of its own
     return _finish(run, adapter, ema, state, result, info)

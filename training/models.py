@@ -165,7 +165,7 @@ def load_models(config: TrainConfig, spec_name: str, need_encoders: bool = True)
         from .dit import demo_components, pretrained_components
 
         parts = demo_components(family) if config.base in DEMO_BASES else pretrained_components(
-            config.base, family, need_encoders)
+            config.base, family, need_encoders, run_dtype(config))
         if not need_encoders:
             parts.update(vae=None, text_encoders=[])
     elif config.base in DEMO_BASES:
@@ -184,6 +184,11 @@ def load_models(config: TrainConfig, spec_name: str, need_encoders: bool = True)
     for module in models.frozen():
         module.requires_grad_(False).eval()
     return models, spec
+
+
+def run_dtype(config: TrainConfig) -> torch.dtype:
+    """The frozen models' dtype: ``--mixed-precision``'s (float32 without it)."""
+    return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.mixed_precision]
 
 
 def move(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
