@@ -43,6 +43,10 @@ ENCODERS: dict[str, EncoderSpec] = {
     "insightface-buffalo_l": EncoderSpec("insightface-buffalo_l", "face", None, None, 512, 0, 0),
     "insightface-antelopev2": EncoderSpec("insightface-antelopev2", "face", None, None, 512, 0, 0),
     "clip-vit-l-14": EncoderSpec("clip-vit-l-14", "clip", "openai/clip-vit-large-patch14", None, 768, 1024, 257),
+    #: Kolors IP-Adapter-Plus's encoder, OpenAI CLIP ViT-L/14 at 336 px (24 x 24 patches + class token).
+    "clip-vit-l-14-336": EncoderSpec(
+        "clip-vit-l-14-336", "clip", "Kwai-Kolors/Kolors-IP-Adapter-Plus", "image_encoder", 768, 1024, 577
+    ),
     "siglip-so400m-14-384": EncoderSpec(
         "siglip-so400m-14-384", "siglip", "google/siglip-so400m-patch14-384", None, 1152, 1152, 729
     ),
@@ -308,6 +312,18 @@ register(AdapterSpec(
     repo_id="InstantX/InstantID", subfolder=None, filename="ip-adapter.bin", face_normed=False,
     short_name="instantid", controlnet_subfolder="ControlNetModel", default_scale=0.8,
     description="ArcFace id -> 16 tokens, with IdentityNet on the face keypoints",
+))
+
+#: Kolors IP-Adapter-Plus (Kwai-Kolors): IP-Adapter's Plus layout on Kolors' SDXL-shaped UNet (70 cross-attention
+#: layers of width 2048, the ChatGLM prompt projected to 2048 by the UNet's own encoder_hid_proj), read as the
+#: authors' sample_ipadapter_plus.py reads it (diffusers' load_ip_adapter on KolorsPipeline, scale 0.5). The
+#: Resampler is IP-Adapter's SD1.5 recipe at Kolors' width: dim = cross-attention width (2048), 12 heads of 64.
+register(AdapterSpec(
+    name="kolors-ip-plus", base="sdxl", projector="resampler", features=("patch",), encoder="clip-vit-l-14-336",
+    num_tokens=16, embed_dim=1024, cross_attention_dim=2048, projector_kwargs=_resampler("sdxl", 2048, 12),
+    repo_id="Kwai-Kolors/Kolors-IP-Adapter-Plus", subfolder=None, filename="ip_adapter_plus_general.bin",
+    short_name="kolors-plus", default_scale=0.5,
+    description="Kolors only: Resampler over CLIP ViT-L/14-336 patches, 16 tokens (needs KolorsPipeline)",
 ))
 
 

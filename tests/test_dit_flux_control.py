@@ -4,10 +4,8 @@ diffusers) and img2img."""
 
 from __future__ import annotations
 
-import numpy as np
 import torch
-from dit_helpers import flux_kwargs, flux_pipe, gen, pooled, random_dit_adapter
-from PIL import Image
+from dit_helpers import flux_kwargs, flux_pipe, gen, image_and_mask, pooled, random_dit_adapter
 
 from lookalike import Personalizer
 from lookalike.weights.dit_formats import save_published
@@ -80,21 +78,13 @@ def test_a_subject_per_sample_is_each_sample_alone(tmp_path):
     assert abs(first[0] - p.generate(image_embeds=b, generator=gen(0), **flux_kwargs()).images[0]).max() > 1e-3
 
 
-def _inputs():
-    rng = np.random.default_rng(0)
-    image = Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
-    mask = Image.new("L", (32, 32), 0)
-    mask.paste(255, (8, 8, 24, 24))
-    return image, mask
-
-
 def test_flux_fill_matches_diffusers_xlabs_processor_on_its_transformer(tmp_path):
     """FluxFillPipeline has no load_ip_adapter; the reference installs diffusers' own XLabs processor and image
     projection on the Fill transformer (its loader mixin) and feeds the embeds at every step."""
     from diffusers import FluxFillPipeline
 
     p, path = loaded(tmp_path, cls=FluxFillPipeline)
-    image, mask = _inputs()
+    image, mask = image_and_mask()
     emb = pooled()
     kw = flux_kwargs(image=image, mask_image=mask, guidance_scale=30.0)
     ours = p.generate(image_embeds=emb, generator=gen(), **kw).images
@@ -124,7 +114,7 @@ def test_flux_img2img_matches_diffusers(tmp_path):
     from diffusers import FluxImg2ImgPipeline
 
     p, path = loaded(tmp_path, cls=FluxImg2ImgPipeline)
-    image, _ = _inputs()
+    image, _ = image_and_mask()
     emb = pooled()
     kw = flux_kwargs(image=image, strength=0.9, steps=3)
     ours = p.generate(image_embeds=emb, generator=gen(), **kw).images

@@ -5,25 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dit_helpers import EMBED, gen, random_dit_adapter, sd3_pipe
+from dit_helpers import gen, patches, random_dit_adapter, sd3_kwargs, sd3_pipe
 
 from lookalike import Personalizer
 from lookalike.weights.dit_formats import save_published
 from lookalike.weights.io import save_adapter
 
 TOL = 1e-5
-TOKENS = 5  # SigLIP tokens per image in the tiny tests (729 for so400m-patch14-384)
-
-
-def patches(batch: int = 1, seed: int = 10) -> torch.Tensor:
-    return torch.randn(batch, TOKENS, EMBED, generator=torch.Generator().manual_seed(seed))
-
-
-def sd3_kwargs(**extra):
-    kw = dict(prompt="a photo", num_inference_steps=2, height=32, width=32, output_type="np",
-              max_sequence_length=16, guidance_scale=5.0)
-    kw.update(extra)
-    return kw
 
 
 @pytest.mark.parametrize("layout", ["original", "diffusers"])
