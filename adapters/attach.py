@@ -63,6 +63,7 @@ class AdapterHandle:
         self.timestep: Any = None
         self.text_len: int | None = None
         self._last_t: float | None = None
+        self._next_uncond = False  # compiled true CFG: the half the next model call runs
         self._terms: list[Term | None] = []
         self._windows: torch.Tensor | None = None  # (adapters, 2) float64: each term's window, for the gates
         self._windows_key: tuple | None = None
@@ -118,7 +119,7 @@ class AdapterHandle:
         self._needs_progress = any(t is not None and tuple(t.input.window) != (0.0, 1.0) for t in terms)
         self._windows = self._windows_tensor([(0.0, 1.0) if t is None else tuple(t.input.window) for t in terms])
         self._span = (0.0, 0.0)
-        self.uncond, self.step, self._last_t = False, 0, None
+        self.uncond, self.step, self._last_t, self._next_uncond = False, 0, None, False
         for t in terms:  # every layer's keys/values now, not inside the first (perhaps compiled) model call
             if t is not None and t.adapter.spec.projector != "time_resampler":
                 for batch, uncond in self._expected_batches(t):
@@ -260,6 +261,8 @@ class AdapterHandle:
         self.timestep = t
         if torch.compiler.is_compiling():  # no Python value of the step: the windows become gate tensors
             self._gates = self.compiled_gates(t) if self._windows is not None else None
+            if self.alternate:  # FLUX's true CFG calls the model conditional first, then unconditional, each
+                self.uncond, self._next_uncond = self._next_uncond, not self._next_uncond  # step: two graphs
             return
         if self.alternate or self._needs_progress:
             value = float(t.flatten()[0]) if torch.is_tensor(t) else float(t)

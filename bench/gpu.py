@@ -7,6 +7,11 @@ Full-size SD1.5 (random weights; nothing is downloaded) at 512 px, 30 steps, fp1
     python bench/gpu.py                # on a lent GPU: the whole table in one call
     python bench/gpu.py --tiny         # anywhere, seconds
     python bench/gpu.py --flux         # FLUX.1-dev, bf16, 1024 px, 28 steps (bench/gpu_flux.py; --tiny works too)
+
+Compiled rows use ``torch.compile(unet, mode="reduce-overhead")`` (CUDA graphs) by default; ``--compile-mode
+default`` gives plain inductor. Beside wall time each row gives GPU kernel time per image (the sum of the CUDA
+kernels torch.profiler records in one generation): wall times of lent machines drifted between calls by more
+than the adapters cost, kernel times do not.
 """
 
 from __future__ import annotations
@@ -112,6 +117,19 @@ def max_diff(outs: dict[str, torch.Tensor]) -> float:
     return float((outs["diffusers"] - outs["lookalike"]).abs().max())
 
 
+def kernel_ms(call: Any) -> float:
+    """GPU kernel time of one call in ms: the sum of the device time torch.profiler records (nan on the CPU)."""
+    if not torch.cuda.is_available():
+        return float("nan")
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        call()
+        torch.cuda.synchronize()
+    return sum(e.self_device_time_total for e in prof.key_averages()) / 1000.0
+
+
 def graph_breaks(call: Any) -> int:
     """Dynamo graph breaks recorded during one call of an already compiled pipeline (0 means one graph)."""
     from torch._dynamo.utils import counters
@@ -140,28 +158,37 @@ def run_base(base: str, args: argparse.Namespace, device: str, dtype: torch.dtyp
     compiled: dict[str, tuple[float, float]] = {}
     compile_s: dict[str, float] = {}
     breaks: dict[str, int] = {}
+    kernels = {name: kernel_ms(chosen[name][1]) for name in eager}
+    compiled_kernels: dict[str, float] = {}
     if compile_:  # no torch._dynamo.reset() between modes: it would drop the ones compiled before them
         for name in eager:
             pipe, call = chosen[name]
             try:
-                pipe.unet = torch.compile(pipe.unet, backend="eager" if args.tiny else "inductor")
+                options = {"backend": "eager"} if args.tiny else {"mode": args.compile_mode}
+                pipe.unet = torch.compile(pipe.unet, **options)
                 start = time.perf_counter()
                 breaks[name] = graph_breaks(call)  # the first call compiles
+                call()  # CUDA graphs are recorded on a later call than the first
                 compile_s[name] = time.perf_counter() - start
             except Exception as exc:  # noqa: BLE001
                 errors[name] = f"compile: {one_line(exc)}"
         compiled, compile_errors = measure({name: chosen[name][1] for name in compile_s}, args.runs, device)
         errors.update(compile_errors)
+        compiled_kernels = {name: kernel_ms(chosen[name][1]) for name in compiled}
     bare = eager.get("bare", (float("nan"), 0.0))[0]
+    bare_k = kernels.get("bare", float("nan"))
+    bare_ck = compiled_kernels.get("bare", float("nan"))
     for name in chosen:
         if name in errors:
-            report(f"| {base} | {name} | failed: {errors[name]} | | | | | |", out)
+            report(f"| {base} | {name} | failed: {errors[name]} | | | | | | | | |", out)
         if name not in eager:
             continue
         secs, mem = eager[name]
         csecs = compiled.get(name, (float("nan"), 0.0))[0]
+        k, ck = kernels.get(name, float("nan")), compiled_kernels.get(name, float("nan"))
         report(f"| {base} | {name} | {secs:.3f} | {csecs:.3f} | {compile_s.get(name, float('nan')):.0f} | "
-               f"{breaks.get(name, -1)} | {mem:.2f} | {secs / bare:.3f}x | {csecs / bare:.3f}x |", out)
+               f"{breaks.get(name, -1)} | {mem:.2f} | {secs / bare:.3f}x | {csecs / bare:.3f}x | "
+               f"{k:.1f} ({k / bare_k:.3f}x) | {ck:.1f} ({ck / bare_ck:.3f}x) |", out)
     del built, chosen
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -193,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--compile-mode", default="reduce-overhead", choices=["reduce-overhead", "default"],
+                        help="torch.compile mode of the compiled rows (reduce-overhead: CUDA graphs)")
     parser.add_argument("--only-sdxl", action="store_true", help="skip SD1.5 and the precision checks")
     parser.add_argument("--modes", default="bare,diffusers,lookalike",
                         help="which rows to time (the parity line always compares diffusers and lookalike)")
@@ -205,13 +234,13 @@ def main(argv: list[str] | None = None) -> int:
     out = open(args.out, "w") if args.out else None  # noqa: SIM115 - kept open while rows arrive
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     report(f"{name}, torch {torch.__version__}, {dtype}, {args.steps} steps, guidance 7.5, plus adapter "
-           f"(257 tokens), median of {args.runs}; compiled = torch.compile(unet) inductor, default mode", out)
+           f"(257 tokens), median of {args.runs}; compiled = torch.compile(unet, mode={args.compile_mode!r})", out)
     report("Modes are timed interleaved (round robin, rotating start) so that a drift of the machine falls on all. "
            "All modes' pipelines stay on the GPU together, so peak GiB counts all their weights: compare differences.",
            out)
-    report("| base | mode | eager s/img | compiled s/img | compile s | graph breaks | peak GiB (eager) | eager vs bare | compiled vs bare eager |",
-           out)
-    report("|---|---|---|---|---|---|---|---|---|", out)
+    report("| base | mode | eager s/img | compiled s/img | compile s | graph breaks | peak GiB (eager) | eager vs bare | "
+           "compiled vs bare eager | eager kernel ms/img (vs bare) | compiled kernel ms/img (vs bare compiled) |", out)
+    report("|---|---|---|---|---|---|---|---|---|---|---|", out)
     if not args.only_sdxl:
         run_base("sd15", args, device, dtype, not args.no_compile, out)
         reduced_precision(args, device, out)
