@@ -256,22 +256,21 @@ class AdapterHandle:
             t = args[position]
         if t is None:
             return
-        if self.family == "flux":  # FLUX pipelines pass t / 1000; the scheduler's timesteps are t
-            t = t * 1000
         self.timestep = t
+        per = 1000.0 if self.family == "flux" else 1.0  # FLUX pipelines pass t / 1000; the scheduler's are t
         if torch.compiler.is_compiling():  # no Python value of the step: the windows become gate tensors
-            self._gates = self.compiled_gates(t) if self._windows is not None else None
+            self._gates = self.compiled_gates(t * per) if self._windows is not None else None
             if self.alternate:  # FLUX's true CFG calls the model conditional first, then unconditional, each
                 self.uncond, self._next_uncond = self._next_uncond, not self._next_uncond  # step: two graphs
             return
-        if self.alternate or self._needs_progress:
-            value = float(t.flatten()[0]) if torch.is_tensor(t) else float(t)
+        if self.alternate or self._needs_progress:  # Python numbers: no operation is dispatched for them
+            value = (float(t.flatten()[0]) if torch.is_tensor(t) else float(t)) * per
             self.uncond = self.alternate and value == self._last_t and not self.uncond
             self._last_t = value
+            if self._needs_progress:
+                self._span = self.span(value)
         if self.family == "sd3":  # per-step caches (SD3.5's timestep-conditioned tokens); a counter that changes
             self.step += not self.uncond  # every call would make torch.compile specialise a UNet graph on it
-        if self._needs_progress:
-            self._span = self.span(t)
 
     def span(self, timestep: Any) -> tuple[float, float]:
         """The part of the schedule step ``timestep`` covers: ``(i/n, (i+1)/n)`` for step ``i`` of the scheduler's
