@@ -126,16 +126,18 @@ def unet_model(base: str, tiny: bool) -> torch.nn.Module:
         projection_class_embeddings_input_dim=2816).eval()
 
 
-def unet_modes(base: str, tiny: bool, steps: int, latent: int) -> dict[str, Callable[[], None]]:
+def unet_modes(base: str, tiny: bool, steps: int, latent: int, dtype: torch.dtype = torch.float32
+               ) -> dict[str, Callable[[], None]]:
     """bare, then lookalike and diffusers for each configuration, on one shared UNet."""
-    unet = unet_model(base, tiny)
+    unet = unet_model(base, tiny).to(dtype)
     g = torch.Generator().manual_seed(0)
-    latents = torch.randn(2, 4, latent, latent, generator=g)
-    text = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g)
+    latents = torch.randn(2, 4, latent, latent, generator=g).to(dtype)
+    text = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g).to(dtype)
     extra: dict = {}
     if unet.config.addition_embed_type == "text_time":
         pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
-        extra = {"text_embeds": torch.randn(2, pooled, generator=g), "time_ids": torch.tensor([[64.0] * 6] * 2)}
+        extra = {"text_embeds": torch.randn(2, pooled, generator=g).to(dtype),
+                 "time_ids": torch.tensor([[64.0] * 6] * 2, dtype=dtype)}
     original = dict(unet.attn_processors)
 
     def run(cross: dict | None = None, images: list | None = None) -> None:
@@ -153,13 +155,14 @@ def unet_modes(base: str, tiny: bool, steps: int, latent: int) -> dict[str, Call
         adapters = []
         for i, reg in enumerate(names):
             torch.manual_seed(10 + i)
-            adapters.append(IPAdapter.for_unet(sized(REGISTRY[reg], unet, tiny), unet).eval())
+            adapters.append(IPAdapter.for_unet(sized(REGISTRY[reg], unet, tiny), unet, dtype=dtype).eval())
             adapters[-1].name = f"{reg}#{i}"
-        feats = [features(a.spec, 20 + i) for i, a in enumerate(adapters)]
+        feats = [features(a.spec, 20 + i).to(dtype) for i, a in enumerate(adapters)]
         masks = half_masks(len(adapters), 8 * latent) if masked else None
         modes[f"lookalike {name}"] = _lookalike(unet, adapters, feats, masks, run)
         unet.set_attn_processor(dict(original))
         unet._load_ip_adapter_weights([official_state_dict(a) for a in adapters], low_cpu_mem_usage=False)
+        unet.to(dtype)
         procs, proj = dict(unet.attn_processors), unet.encoder_hid_proj
         unet.encoder_hid_proj, unet.config.encoder_hid_dim_type = None, None
         unet.set_attn_processor(dict(original))
@@ -271,12 +274,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny models: a smoke run of the same code")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--latent", type=int, default=16, help="latent side; counts do not depend on it")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="bfloat16 halves the memory (full SDXL: 5 GB); the counts do not change")
     parser.add_argument("--by-name", action="store_true", help="also list each mode's extra operations by name")
     args = parser.parse_args(argv)
     bases = args.base or (list(CONFIGS) if args.tiny else ["sd15"])
     for base in bases:
         modes = flux_modes(args.tiny, args.steps, args.latent) if base == "flux" else \
-            unet_modes(base, args.tiny, args.steps, args.latent)
+            unet_modes(base, args.tiny, args.steps, args.latent, getattr(torch, args.dtype))
         counts = {}
         for key, fn in modes.items():
             for _ in range(2):  # a first generation, then the counted one (remembered projections warm)
