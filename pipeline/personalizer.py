@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 
@@ -15,36 +15,16 @@ from ..adapters.spec import AdapterSpec, encoder_of, get_spec
 from ..compat import diffusers_dtype
 from ..errors import LookalikeError
 from ..weights.dit_formats import detect_dit_spec
-from ..weights.io import adapter_from_state_dict, check_encoder, detect_spec, read_checkpoint
+from ..weights.io import adapter_from_state_dict, detect_spec, read_checkpoint
 from .checks import check_images, check_size
+from .conditioning import Embeds, condition_inputs, negative_features, region_masks
 from .encode import EncoderSet, ImageSource, encode_subject
 from .faceid import faceid_plus_controls
-from .subject import FEATURE_NDIM, Subject, box_mask, stack_subjects
+from .subject import Subject, stack_subjects
 
-#: One adapter's features: a tensor for single-feature variants, a dict ``{"face_id": ..., "patch": ...}`` else.
-Embeds = Union[torch.Tensor, Mapping[str, torch.Tensor]]
 #: The official IP-Adapter FaceID prompts when none is given (tencent-ailab/IP-Adapter, ``generate``).
 DEFAULT_PROMPT = "best quality, high quality"
 DEFAULT_NEGATIVE_PROMPT = "monochrome, lowres, bad anatomy, worst quality, low quality"
-#: Feature kind -> number of dims with the (batch, images) pair in front.
-_FEATURE_NDIM = FEATURE_NDIM
-
-
-def _one_per_adapter(value: Any, count: int, what: str, is_single: Any) -> list:
-    """A value meant for every adapter, or a list with one per adapter -> a list of ``count`` values."""
-    if is_single(value):
-        return [value] * count
-    if isinstance(value, (list, tuple)) and len(value) == count:
-        return list(value)
-    raise LookalikeError(f"{what} must be one value for all adapters or a list of {count} (one per adapter)")
-
-
-def _is_window(w: Any) -> bool:
-    return isinstance(w, (list, tuple)) and len(w) == 2 and all(isinstance(v, (int, float)) for v in w)
-
-
-def _is_scale(s: Any) -> bool:
-    return isinstance(s, (int, float, dict))
 
 
 class Personalizer:
@@ -156,6 +136,7 @@ class Personalizer:
                                  f"ControlNetModel), or identitynet=False for the adapter alone")
         return load_identitynet(resolve_identitynet_dir(spec, given, beside=path), unet, device=unet.device,
                                 dtype=unet.dtype)
+
     def _adapter_dtype(self) -> torch.dtype:
         """The model's dtype, or float32 when its weights are quantized (integer or packed storage)."""
         dtype = self.model.dtype
@@ -178,48 +159,9 @@ class Personalizer:
         self.handle.detach()
 
     # -- features ---------------------------------------------------------------------------------
-    def _as_features(self, spec: AdapterSpec, embeds: Embeds, what: str) -> dict[str, torch.Tensor]:
-        """Normalise one adapter's embeds to ``{feature: (B, I, ...)}`` and check their widths."""
-        if torch.is_tensor(embeds):
-            if len(spec.features) != 1:
-                raise LookalikeError(f"{spec.name} takes {' and '.join(spec.features)} features; pass {what} "
-                                     f"as a dict with keys {list(spec.features)}")
-            embeds = {spec.features[0]: embeds}
-        missing = [f for f in spec.features if f not in embeds]
-        if missing:
-            raise LookalikeError(f"{what} for {spec.name} lacks the {missing[0]!r} features it needs")
-        out = {}
-        for kind in spec.features:
-            t = embeds[kind]
-            want = _FEATURE_NDIM[kind]
-            if t.ndim == want - 1:
-                t = t.unsqueeze(1)  # one image per sample
-            if t.ndim != want:
-                raise LookalikeError(f"{what} ({kind}) for {spec.name} should have {want} dims "
-                                     f"(batch, images, ...), got shape {tuple(t.shape)}")
-            if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
-                raise LookalikeError(f"{what} ({kind}) for {spec.name} holds NaN, infinite or non-float values, "
-                                     f"which would give black images; encode the images again (in float32 or "
-                                     f"bfloat16 if float16 overflowed)")
-            out[kind] = t
-        check_encoder(spec, {k: v.shape[-1] for k, v in out.items()}, f"the given {what}")
-        return out
-
     def negative_features(self, spec: AdapterSpec, like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The official unconditional input: zeros, or the image encoder run on an all-zero pixel tensor."""
-        out = {}
-        for kind, t in like.items():
-            if spec.negative_rule(kind) == "zeros":
-                out[kind] = torch.zeros_like(t)
-                continue
-            clip = [e for e in encoder_of(spec) if e.kind != "face"][0]
-            if self.encoders.by_name.get(clip.name) is None and self.encoders.by_kind.get(clip.kind) is None:
-                raise LookalikeError(f"{spec.name} needs negative_image_embeds: its unconditional input is the "
-                                     f"image encoder run on a blank image; pass negative_image_embeds or an "
-                                     f"image encoder (Personalizer(pipe, image_encoder=...))")
-            blank = self.encoders.get(clip).encode_negative(1)["patch"].to(t)  # (1, T, H)
-            out[kind] = blank.unsqueeze(1).expand(t.shape[:2] + blank.shape[1:]).clone()
-        return out
+        return negative_features(spec, like, self.encoders)
 
     # -- subjects ---------------------------------------------------------------------------------
     def set_encoder(self, encoder: Any, name: str | None = None) -> None:
@@ -273,98 +215,12 @@ class Personalizer:
         embeds[index], negs[index] = pos, neg
         return embeds, negs
 
-    def _region_masks(self, subjects: Sequence[Subject], regions: Sequence, height: int, width: int,
-                      adapters: int, index: int) -> list:
-        """Boxes or (H, W) masks, one per subject, -> the adapter's (1, images, H, W) mask tensor."""
-        if len(regions) != len(subjects):
-            raise LookalikeError(f"give one region (box or mask) per subject: {len(subjects)} subjects, "
-                                 f"{len(regions)} regions")
-        planes = []
-        for subject, region in zip(subjects, regions):
-            if torch.is_tensor(region):
-                plane = region.float().reshape(region.shape[-2:])
-            else:
-                plane = box_mask(region, height, width)
-            planes += [plane] * subject.num_images
-        masks: list = [None] * adapters
-        masks[index] = torch.stack(planes).unsqueeze(0)
-        return masks
-
-    @staticmethod
-    def _fit_batch(t: torch.Tensor, prompts: int, per_prompt: int, name: str) -> torch.Tensor:
-        """Features for 1 or ``prompts`` samples -> one row per generated image (prompt-major)."""
-        if t.shape[0] == 1:
-            return t.expand((prompts * per_prompt,) + tuple(t.shape[1:]))
-        if t.shape[0] == prompts:
-            return t.repeat_interleave(per_prompt, dim=0)
-        raise LookalikeError(f"image features for {name} have batch {t.shape[0]} but there are {prompts} prompts; "
-                             f"give features for one sample or one per prompt")
-
     def condition_inputs(self, image_embeds: Sequence[Embeds | None], negative_image_embeds: Sequence | None,
                          scale: Scale | Sequence[Scale], masks: Sequence | None, window: Any,
                          prompts: int = 1, per_prompt: int = 1, combine: str = "concat") -> list[AdapterInput | None]:
         """Project every adapter's features once for this generation (both halves of guidance)."""
-        n = len(self.adapters)
-        if n == 0:
-            raise LookalikeError("no adapter is loaded; call load_adapter(...) before generate")
-        if len(image_embeds) != n:
-            raise LookalikeError(f"{n} adapters are loaded but image_embeds has {len(image_embeds)} entries; "
-                                 f"give one per adapter (None to leave one out)")
-        if combine not in ("concat", "mean"):
-            raise LookalikeError(f"combine must be 'concat' or 'mean', not {combine!r}")
-        negatives = _one_per_adapter(negative_image_embeds, n, "negative_image_embeds", lambda v: v is None)
-        if n == 1 and isinstance(scale, (list, tuple)) and len(scale) > 1:
-            scale = [list(scale)]  # one adapter: a list is a scale per masked image
-        scales = _one_per_adapter(scale, n, "scale", _is_scale)
-        windows = _one_per_adapter(window, n, "window", _is_window)
-        mask_list = _one_per_adapter(masks, n, "masks", lambda v: v is None or torch.is_tensor(v))
-        inputs: list[AdapterInput | None] = []
-        for adapter, emb, neg, s, w, m in zip(self.adapters, image_embeds, negatives, scales, windows, mask_list):
-            if emb is None:
-                inputs.append(None)
-                continue
-            spec = adapter.spec
-            pos = self._as_features(spec, emb, "image_embeds")
-            negf = self._as_features(spec, neg, "negative_image_embeds") if neg is not None else None
-            negf = negf or self.negative_features(spec, pos)
-            with torch.no_grad():  # one projection per distinct row, then repeated per generated image
-                tokens = [self._fit_batch(self._tokens(adapter, self._prepare(f, combine, prompts, adapter)),
-                                          prompts, per_prompt, adapter.name) for f in (pos, negf)]
-            inputs.append(AdapterInput(tokens[0], tokens[1], s, tuple(w), self._masks(m)))
-        return inputs
-
-    @staticmethod
-    def _tokens(adapter: IPAdapter, feats: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Projected tokens ``(B, I, T, C)``; for a timestep-conditioned projector (SD3.5) the features
-        themselves, projected once per denoising step by the handle."""
-        if adapter.spec.projector == "time_resampler":
-            return feats[adapter.spec.features[0]]
-        return adapter.project_once(feats)
-
-    def _prepare(self, feats: Mapping[str, torch.Tensor], combine: str, prompts: int,
-                 adapter: IPAdapter) -> dict[str, torch.Tensor]:
-        """Features on the adapter's device and dtype, all with batch 1 or all with one row per prompt."""
-        param = next(adapter.parameters())
-        out = {}
-        for k, t in feats.items():
-            t = t.to(device=param.device, dtype=param.dtype)
-            out[k] = t.mean(dim=1, keepdim=True) if combine == "mean" else t
-        batches = {t.shape[0] for t in out.values()}
-        if len(batches) > 1 or not batches <= {1, prompts}:
-            out = {k: self._fit_batch(t, prompts, 1, adapter.name) for k, t in out.items()}
-        return out
-
-    def _masks(self, m: Any) -> torch.Tensor | None:
-        if m is None:
-            return None
-        if not torch.is_tensor(m):
-            raise LookalikeError("masks must be tensors of shape (1, images, height, width) in [0, 1], as "
-                                 "diffusers' IPAdapterMaskProcessor.preprocess gives (reshaped)")
-        if m.ndim == 3:
-            m = m.unsqueeze(0)
-        if m.ndim != 4:
-            raise LookalikeError(f"a mask must have shape (1, images, height, width), got {tuple(m.shape)}")
-        return m.to(device=self.model.device, dtype=torch.float32)
+        return condition_inputs(self.adapters, self.encoders, image_embeds, negative_image_embeds, scale, masks,
+                                window, prompts, per_prompt, combine, self.model.device)
 
     # -- generation -------------------------------------------------------------------------------
     def generate(self, prompt: str | list[str] | None = None, image_embeds: Sequence[Embeds | None] | None = None,
@@ -512,7 +368,7 @@ class Personalizer:
             embeds, negs = self._subject_embeds(list(subjects), dim=1)
             height, width = self._output_size(kwargs)
             index = next(i for i, e in enumerate(embeds) if e is not None)
-            masks = self._region_masks(list(subjects), list(regions), height, width, len(embeds), index)
+            masks = region_masks(list(subjects), list(regions), height, width, len(embeds), index)
             return embeds, negs, masks
         many = list(subject) if isinstance(subject, (list, tuple)) else [subject]
         embeds, negs = self._subject_embeds(many, dim=0)

@@ -1,6 +1,6 @@
 """lookalike-train on FLUX.1/SD3.5 as users run it: from saved diffusers folders (the same losses as the demo
-models they were saved from), validation images through the library's generation path, and the DDPM-only
---timestep-bias refused on flow-matching bases."""
+models they were saved from), validation images through the library's generation path, the DDPM-only
+--timestep-bias and --noise-offset refused on flow-matching bases, and the flow-matching flags on UNet bases."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from test_train_helpers import run_config, single_thread, write_json_set
 from lookalike import Personalizer
 from lookalike.errors import LookalikeError
 from lookalike.train_encoder import main
+from lookalike.training.config import FlagError
 from lookalike.training.dit import pretrained_components
 from lookalike.training.loop import train
 from lookalike.training.models import tiny_clip_vision, tiny_siglip_vision
@@ -99,6 +100,38 @@ def test_timestep_bias_is_refused_on_flow_matching_bases(tmp_path, saved, capsys
     assert not (tmp_path / "o" / "adapter.safetensors").exists()
     with pytest.raises(LookalikeError, match="--timestep-bias"):  # the API refuses it too
         train(run_config(tmp_path, data, out="api", base="demo-flux", adapter="flux-ip", timestep_bias="earlier"))
+
+
+@pytest.mark.parametrize("base,adapter", [("demo-flux", "flux-ip"), ("demo-sd3", "sd35-ip")])
+def test_noise_offset_is_refused_on_flow_matching_bases(tmp_path, capsys, base, adapter):
+    """diffusers' FLUX and SD3 scripts add no offset noise; on these bases the flag would change the objective."""
+    data = write_json_set(tmp_path / "data", 2)
+    assert main(_argv(data, tmp_path / "o", base, adapter, "--noise-offset", "0.05")) == 2
+    assert one_error(capsys).startswith("error: --noise-offset shifts DDPM noise (SD1.5/SDXL)")
+    assert not (tmp_path / "o" / "adapter.safetensors").exists()
+    with pytest.raises(FlagError, match="--noise-offset"):
+        train(run_config(tmp_path, data, out="api", base=base, adapter=adapter, noise_offset=0.05))
+
+
+@pytest.mark.parametrize("flag,value", [("--weighting-scheme", "mode"), ("--logit-mean", -0.5), ("--logit-std", 2.0),
+                                        ("--mode-scale", 1.0)])
+def test_flow_matching_flags_are_refused_on_unet_bases(tmp_path, capsys, flag, value):
+    """A DDPM UNet run never reads them: set, they would be silently ignored."""
+    data = write_json_set(tmp_path / "data", 2)
+    assert main(_argv(data, tmp_path / "o", "demo", "basic", flag, str(value))) == 2
+    assert one_error(capsys).startswith(f"error: {flag} applies to FLUX.1/SD3.5 flow matching only")
+    assert not (tmp_path / "o" / "adapter.safetensors").exists()
+    with pytest.raises(FlagError, match=f"{flag} applies to FLUX.1/SD3.5"):
+        train(run_config(tmp_path, data, out="api", **{flag[2:].replace("-", "_"): value}))
+
+
+@pytest.mark.parametrize("base,adapter", [("demo", "basic"), ("demo-sd3", "sd35-ip")])
+def test_guidance_is_refused_without_flux(tmp_path, capsys, base, adapter):
+    data = write_json_set(tmp_path / "data", 2)
+    assert main(_argv(data, tmp_path / "o", base, adapter, "--guidance", "3.5")) == 2
+    assert one_error(capsys).startswith("error: --guidance sets FLUX.1-dev's guidance embedding")
+    with pytest.raises(FlagError, match="--guidance"):
+        train(run_config(tmp_path, data, out="api", base=base, adapter=adapter, guidance=3.5))
 
 
 @pytest.mark.parametrize("base,adapter", [("demo-flux", "flux-ip"), ("demo-sd3", "sd35-ip")])

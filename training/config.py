@@ -186,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-scheduler", default=d.lr_scheduler, choices=SCHEDULES)
     g.add_argument("--lr-warmup-steps", type=_non_negative, default=d.lr_warmup_steps)
     g.add_argument("--ema-decay", type=_rate, default=d.ema_decay, help="0: no EMA; e.g. 0.9999")
-    g.add_argument("--noise-offset", type=_non_negative_float, default=d.noise_offset)
+    g.add_argument("--noise-offset", type=_non_negative_float, default=d.noise_offset,
+                   help="offset noise of DDPM runs (SD1.5/SDXL; refused on FLUX.1/SD3.5)")
     g.add_argument("--timestep-bias", default=d.timestep_bias, choices=TIMESTEP_BIASES,
                    help="draw the noisiest ('later') or cleanest ('earlier') timesteps more often (default: none)")
     g.add_argument("--timestep-bias-portion", type=_rate, default=d.timestep_bias_portion,
@@ -266,6 +267,16 @@ def check_config(config: TrainConfig) -> None:
     check_data_path(config.data)
 
 
+#: Flags of flow matching (FLUX.1, SD3.5) alone, as diffusers' SD3/FLUX scripts: a DDPM UNet run never reads them.
+FLOW_FLAGS = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale")
+
+
+def _set_flags(config: TrainConfig, names: tuple[str, ...]) -> list[str]:
+    """Those of ``names`` the user set to something other than :class:`TrainConfig`'s default, as flags."""
+    default = {f.name: f.default for f in fields(TrainConfig)}
+    return ["--" + n.replace("_", "-") for n in names if getattr(config, n) != default[n]]
+
+
 def check_family(config: TrainConfig, family: str) -> None:
     """Refuse flags that mean nothing for this base family (known once the base is read)."""
     if family in DIT_BASES and config.timestep_bias != "none":
@@ -273,6 +284,16 @@ def check_family(config: TrainConfig, family: str) -> None:
                         f"matching, whose timesteps --weighting-scheme draws: logit_normal with --logit-mean below 0 "
                         f"favours the noisier end (as --timestep-bias later), above 0 the cleaner, or mode with "
                         f"--mode-scale; drop --timestep-bias")
+    if family in DIT_BASES and config.noise_offset:
+        raise FlagError(f"--noise-offset shifts DDPM noise (SD1.5/SDXL); this {family} base trains by flow matching, "
+                        f"for which diffusers' FLUX and SD3 scripts use no noise offset; drop --noise-offset")
+    flow = _set_flags(config, FLOW_FLAGS)
+    if family not in DIT_BASES and flow:
+        raise FlagError(f"{flow[0]} applies to FLUX.1/SD3.5 flow matching only; this {family} base trains by DDPM "
+                        f"noise prediction (--timestep-bias chooses its timesteps); drop {' and '.join(flow)}")
+    if family != "flux" and _set_flags(config, ("guidance",)):
+        raise FlagError(f"--guidance sets FLUX.1-dev's guidance embedding; this {family} base has none; "
+                        f"drop --guidance")
 
 
 def check_data_path(data: str) -> None:
