@@ -120,8 +120,8 @@ class AdapterHandle:
         self._windows = self._windows_tensor([(0.0, 1.0) if t is None else tuple(t.input.window) for t in terms])
         self._span = (0.0, 0.0)
         self.uncond, self.step, self._last_t, self._next_uncond = False, 0, None, False
-        for t in terms:  # every layer's keys/values now, not inside the first (perhaps compiled) model call
-            if t is not None and t.adapter.spec.projector != "time_resampler":
+        for t in terms:  # every layer's keys/values now, not inside the first (perhaps compiled) model call;
+            if t is not None and t.adapter.spec.projector != "time_resampler" and not _training(t.adapter):
                 for batch, uncond in self._expected_batches(t):
                     t.prefill([x for x in self.layers if takes_image(t.adapter.spec, x)], batch, uncond)
         try:
@@ -283,6 +283,12 @@ class AdapterHandle:
         total = getattr(getattr(self.scheduler, "config", None), "num_train_timesteps", 1000)
         point = min(max(1.0 - t / total, 0.0), 1.0)
         return point, point
+
+
+def _training(adapter: IPAdapter) -> bool:
+    """Whether ``adapter`` is being trained (gradients on, weights trainable): then its keys and values are made
+    inside each forward pass, where gradient checkpointing and autocast see them, as before."""
+    return torch.is_grad_enabled() and any(p.requires_grad for p in adapter.parameters())
 
 
 def attach_adapters(unet: nn.Module, adapters: Sequence[IPAdapter] = (), backend: str = "sdpa") -> AdapterHandle:

@@ -325,7 +325,7 @@ class Personalizer:
             pipeline_kwargs["output_type"] = "np"
         self.handle.alternate = self._true_cfg(pipeline_kwargs)
         try:
-            with self.handle.conditioned(inputs):
+            with torch.no_grad(), self.handle.conditioned(inputs):  # generation records no gradients
                 if identity is None or inputs[identity[0]] is None:
                     result = self.pipe(prompt=prompt, **pipeline_kwargs)
                 else:
