@@ -15,13 +15,13 @@ tensor (what official IP-Adapter and diffusers do). Features live on the encoder
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal, Protocol, get_args, runtime_checkable
+from typing import Any, Literal, Protocol, get_args, runtime_checkable
 
 import torch
 from PIL import Image
 
 from ..errors import LookalikeError
-from .prepare import CropMode
+from .prepare import CropMode, to_clip_pixels
 
 FeatureKind = Literal["pooled", "patch", "face_id"]
 FEATURE_KINDS: tuple[str, ...] = get_args(FeatureKind)
@@ -79,3 +79,46 @@ def check_batch_size(n: int) -> int:
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise LookalikeError(f"the negative batch size must be a positive integer, not {n!r}")
     return n
+
+
+class VisionTower:
+    """What the CLIP and SigLIP encoders share: the frozen vision model, its pixel statistics, device and dtype,
+    and ``encode`` as pixels then :meth:`encode_pixels` (each subclass defines that and its negatives)."""
+
+    kinds: tuple[str, ...]
+
+    def __init__(self, model: Any, *, image_size: int, mean: Sequence[float], std: Sequence[float],
+                 kinds: Sequence[str], supported: Sequence[str], device: str | torch.device | None,
+                 dtype: torch.dtype | None) -> None:
+        if dtype is not None and not dtype.is_floating_point:
+            raise LookalikeError(f"the image encoder dtype must be a floating type such as float32, not {dtype}")
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise LookalikeError(f"image mean and std need 3 values each (std > 0); got mean={mean}, std={std}")
+        self.kinds = check_kinds(kinds, supported)
+        self.model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        self.image_size = int(image_size)
+        self.mean = tuple(float(v) for v in mean)
+        self.std = tuple(float(v) for v in std)
+
+    @property
+    def device(self) -> torch.device:
+        """Device the model and the returned features live on."""
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Floating dtype of the model and the returned features."""
+        return next(self.model.parameters()).dtype
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+        """Move the model (and so all future features) to device and/or dtype; returns self."""
+        self.model.to(device=device, dtype=dtype)
+        return self
+
+    def encode(self, images: Sequence[Image.Image], *, crop: CropMode = "center") -> Features:
+        """Encode N images into every kind this encoder was built for."""
+        pixels = to_clip_pixels(images, self.image_size, self.mean, self.std, mode=crop)  # (N, 3, S, S)
+        return self.encode_pixels(pixels, self.kinds)
+
+    def encode_pixels(self, pixels: torch.Tensor, kinds: Sequence[str]) -> Features:
+        raise NotImplementedError

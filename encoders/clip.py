@@ -9,20 +9,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from transformers import CLIPVisionModelWithProjection
 
 from ..compat import transformers_dtype
 from ..errors import LookalikeError
-from .base import Features, check_batch_size, check_kinds
-from .prepare import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, CropMode, to_clip_pixels
+from .base import Features, VisionTower, check_batch_size, check_kinds
+from .prepare import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 CLIP_KINDS: tuple[str, ...] = ("pooled", "patch")
 _CLIP_MODEL_TYPES = ("clip_vision_model", "clip")
 _PROCESSOR_FILE = "preprocessor_config.json"
 
 
-class ClipImageEncoder:
+class ClipImageEncoder(VisionTower):
     """Wraps a transformers ``CLIPVisionModelWithProjection``; produces "pooled" and/or "patch" features."""
 
     def __init__(
@@ -41,26 +40,15 @@ class ClipImageEncoder:
             raise TypeError(
                 f"ClipImageEncoder needs a CLIPVisionModelWithProjection, not {type(model).__name__}"
             )
-        if dtype is not None and not dtype.is_floating_point:
-            raise LookalikeError(
-                f"the image encoder dtype must be a floating type such as float32, not {dtype}"
-            )
         model_size = int(model.config.image_size)
         if image_size is not None and int(image_size) != model_size:
             raise LookalikeError(
                 f"image size {image_size} does not match the {model_size} pixels the CLIP vision model "
                 f"expects; fix crop_size in {_PROCESSOR_FILE} or use the matching model"
             )
-        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-            raise LookalikeError(
-                f"image mean and std need 3 values each (std > 0); got mean={mean}, std={std}"
-            )
-        self.kinds: tuple[str, ...] = check_kinds(kinds, CLIP_KINDS)
+        super().__init__(model, image_size=model_size, mean=mean, std=std, kinds=kinds, supported=CLIP_KINDS,
+                         device=device, dtype=dtype)
         self._blank_cache: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-        self.model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-        self.image_size = model_size
-        self.mean = tuple(float(v) for v in mean)
-        self.std = tuple(float(v) for v in std)
 
     @classmethod
     def from_pretrained(
@@ -96,16 +84,6 @@ class ClipImageEncoder:
         return cls(model, image_size=image_size, mean=mean, std=std, kinds=kinds, device=device, dtype=dtype)
 
     @property
-    def device(self) -> torch.device:
-        """Device the model and the returned features live on."""
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """Floating dtype of the model and the returned features."""
-        return next(self.model.parameters()).dtype
-
-    @property
     def embed_dims(self) -> dict[str, int]:
         """Last-dimension size per produced kind: pooled = projection_dim, patch = hidden_size."""
         dims = {"pooled": int(self.model.config.projection_dim), "patch": int(self.model.config.hidden_size)}
@@ -115,18 +93,6 @@ class ClipImageEncoder:
     def num_patch_tokens(self) -> int:
         """Tokens per image in "patch" features: one class token plus one per patch."""
         return 1 + (self.image_size // int(self.model.config.patch_size)) ** 2
-
-    def to(
-        self, device: str | torch.device | None = None, dtype: torch.dtype | None = None
-    ) -> ClipImageEncoder:
-        """Move the model (and so all future features) to device and/or dtype; returns self."""
-        self.model.to(device=device, dtype=dtype)
-        return self
-
-    def encode(self, images: Sequence[Image.Image], *, crop: CropMode = "center") -> Features:
-        """Encode N images: "pooled" (N, projection_dim) and/or "patch" (N, 1 + patches, hidden_size)."""
-        pixels = to_clip_pixels(images, self.image_size, self.mean, self.std, mode=crop)  # (N, 3, S, S)
-        return self.encode_pixels(pixels, self.kinds)
 
     def encode_negative(self, n: int) -> Features:
         """Unconditional features: zeros for "pooled"; "patch" = the model run on zero normalised pixels."""

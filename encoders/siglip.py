@@ -18,19 +18,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 
 from ..compat import transformers_dtype
 from ..errors import LookalikeError
-from .base import Features, check_batch_size, check_kinds
-from .prepare import CropMode, to_clip_pixels
+from .base import Features, VisionTower, check_batch_size
 
 SIGLIP_KINDS: tuple[str, ...] = ("pooled", "patch")
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)
 
 
-class SiglipImageEncoder:
+class SiglipImageEncoder(VisionTower):
     """Wraps a transformers ``SiglipVisionModel``; produces "pooled" and/or "patch" features."""
 
     family = "siglip"
@@ -42,15 +40,8 @@ class SiglipImageEncoder:
 
         if not isinstance(model, SiglipVisionModel):
             raise TypeError(f"SiglipImageEncoder needs a SiglipVisionModel, not {type(model).__name__}")
-        if dtype is not None and not dtype.is_floating_point:
-            raise LookalikeError(f"the image encoder dtype must be a floating type such as float32, not {dtype}")
-        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-            raise LookalikeError(f"image mean and std need 3 values each (std > 0); got mean={mean}, std={std}")
-        self.kinds: tuple[str, ...] = check_kinds(kinds, SIGLIP_KINDS)
-        self.model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-        self.image_size = int(model.config.image_size)
-        self.mean = tuple(float(v) for v in mean)
-        self.std = tuple(float(v) for v in std)
+        super().__init__(model, image_size=int(model.config.image_size), mean=mean, std=std, kinds=kinds,
+                         supported=SIGLIP_KINDS, device=device, dtype=dtype)
 
     @classmethod
     def from_pretrained(cls, id_or_dir: str | os.PathLike[str], subfolder: str | None = None, *,
@@ -81,14 +72,6 @@ class SiglipImageEncoder:
         return cls(model, mean=mean, std=std, kinds=kinds, device=device, dtype=dtype)
 
     @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
-    @property
     def embed_dims(self) -> dict[str, int]:
         """Both kinds are ``hidden_size`` wide (SigLIP has no projection head)."""
         return {kind: int(self.model.config.hidden_size) for kind in self.kinds}
@@ -97,15 +80,6 @@ class SiglipImageEncoder:
     def num_patch_tokens(self) -> int:
         """Tokens per image in "patch" features: one per patch (SigLIP has no class token)."""
         return (self.image_size // int(self.model.config.patch_size)) ** 2
-
-    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> SiglipImageEncoder:
-        self.model.to(device=device, dtype=dtype)
-        return self
-
-    def encode(self, images: Sequence[Image.Image], *, crop: CropMode = "center") -> Features:
-        """Encode N images: "pooled" (N, hidden) and/or "patch" (N, patches, hidden)."""
-        pixels = to_clip_pixels(images, self.image_size, self.mean, self.std, mode=crop)  # (N, 3, S, S)
-        return self.encode_pixels(pixels, self.kinds)
 
     def encode_negative(self, n: int) -> Features:
         """Unconditional features: zeros of the same shapes for every kind."""
