@@ -13,7 +13,14 @@ import pytest
 import torch
 from dit_helpers import flux_kwargs, gen
 from test_train_encoder import _cli, _env
-from test_train_helpers import run_config, single_thread, weights, write_json_set
+from test_train_helpers import (
+    interrupted_at,
+    run_config,
+    single_thread,
+    train_watched,
+    weights,
+    write_json_set,
+)
 
 from lookalike import Personalizer
 from lookalike.train_encoder import main
@@ -70,23 +77,7 @@ def test_dit_loss_falls_and_only_adapter_weights_change(tmp_path, monkeypatch, b
     data = write_json_set(tmp_path / "data", 8)
     cfg = run_config(tmp_path, data, base=base, adapter=adapter, steps=12, batch_size=4, lr=3e-3,
                      drop_image=0.0, drop_text=0.0, drop_both=0.0)
-    seen: dict = {}
-    real_models, real_adapter = loop.load_models, loop.build_dit_adapter
-
-    def spy_models(*args, **kwargs):
-        models, spec = real_models(*args, **kwargs)
-        seen["models"] = models
-        seen["frozen"] = [{k: v.clone() for k, v in m.state_dict().items()} for m in models.frozen()]
-        return models, spec
-
-    def spy_adapter(spec, *args, **kwargs):
-        made = real_adapter(spec, *args, **kwargs)
-        seen["init"] = {k: v.clone() for k, v in made.state_dict().items()}
-        return made
-
-    monkeypatch.setattr(loop, "load_models", spy_models)
-    monkeypatch.setattr(loop, "build_dit_adapter", spy_adapter)
-    result = train(cfg)
+    result, seen = train_watched(cfg, "build_dit_adapter")
 
     models = seen["models"]
     assert len(models.frozen()) == 3 + len(models.text_encoders)  # transformer, VAE, image encoder, text encoders
@@ -111,16 +102,7 @@ def test_dit_killed_run_resumed_ends_bit_identical(tmp_path, monkeypatch, base, 
     data = write_json_set(tmp_path / "data", 6)
     full = train(run_config(tmp_path, data, out="full", base=base, adapter=adapter, **RESUME))
     cfg = run_config(tmp_path, data, out="killed", base=base, adapter=adapter, **RESUME)
-    calls = {"n": 0}
-    real = loop.model_inputs
-
-    def dies_in_step_3(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2 * 2 + 2:  # the second micro-batch of step 3, after checkpoint-2
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "model_inputs", dies_in_step_3)
+    monkeypatch.setattr(loop, "model_inputs", interrupted_at(2 * 2 + 2))  # step 3, micro-batch 2: after checkpoint-2
     with pytest.raises(KeyboardInterrupt):
         train(cfg)
     monkeypatch.undo()

@@ -14,7 +14,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train_helpers import run_config, single_thread, weights, write_image, write_json_set
+from test_train_helpers import (
+    interrupted_at,
+    run_config,
+    single_thread,
+    train_watched,
+    weights,
+    write_image,
+    write_json_set,
+)
 
 import lookalike
 from lookalike.train_encoder import main
@@ -52,23 +60,7 @@ def _fixed_loss(models, spec, adapter_sd, cfg) -> float:
 def test_loss_falls_and_only_adapter_weights_change(tmp_path, monkeypatch):
     data = write_json_set(tmp_path / "data", 8)
     cfg = run_config(tmp_path, data, steps=30, batch_size=4, lr=3e-3)
-    seen: dict = {}
-    real_models, real_adapter = loop.load_models, loop.build_adapter
-
-    def spy_models(*args, **kwargs):
-        models, spec = real_models(*args, **kwargs)
-        seen["models"] = models
-        seen["frozen"] = [{k: v.clone() for k, v in m.state_dict().items()} for m in models.frozen()]
-        return models, spec
-
-    def spy_adapter(spec, *args, **kwargs):
-        adapter = real_adapter(spec, *args, **kwargs)
-        seen["spec"], seen["init"] = spec, {k: v.clone() for k, v in adapter.state_dict().items()}
-        return adapter
-
-    monkeypatch.setattr(loop, "load_models", spy_models)
-    monkeypatch.setattr(loop, "build_adapter", spy_adapter)
-    result = train(cfg)
+    result, seen = train_watched(cfg)
 
     models = seen["models"]
     assert len(models.frozen()) == 4  # UNet, VAE, text encoder, image encoder
@@ -92,16 +84,7 @@ def test_killed_run_resumed_ends_bit_identical(tmp_path, monkeypatch):
     full = train(run_config(tmp_path, data, out="full", **RESUME))
 
     cfg = run_config(tmp_path, data, out="killed", **RESUME)
-    calls = {"n": 0}
-    real = loop.model_inputs
-
-    def dies_in_step_5(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2 * 4 + 2:  # the second micro-batch of step 5, after checkpoint-4
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "model_inputs", dies_in_step_5)
+    monkeypatch.setattr(loop, "model_inputs", interrupted_at(2 * 4 + 2))  # step 5, micro-batch 2: after checkpoint-4
     with pytest.raises(KeyboardInterrupt):
         train(cfg)
     monkeypatch.undo()

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_train_helpers import run_config, single_thread, weights, write_image, write_json_set
+from test_train_helpers import run_config, single_thread, train_watched, weights, write_image, write_json_set
 
 from lookalike import Personalizer
 from lookalike.errors import LookalikeError
@@ -49,26 +49,7 @@ def lora_run(tmp_path_factory):
     data = write_json_set(root / "data", 6, faces=True)
     cfg = run_config(root, data, adapter="faceid", train_lora=True, lora_rank=4, steps=6, batch_size=2, lr=1e-2,
                      weight_decay=0.0)
-    seen: dict = {}
-    real_models, real_adapter = loop.load_models, loop.build_adapter
-
-    def spy_models(*args, **kwargs):
-        models, spec = real_models(*args, **kwargs)
-        seen["models"] = models
-        seen["frozen"] = [{k: v.clone() for k, v in m.state_dict().items()} for m in models.frozen()]
-        return models, spec
-
-    def spy_adapter(spec, *args, **kwargs):
-        adapter = real_adapter(spec, *args, **kwargs)
-        seen["init"] = {k: v.clone() for k, v in adapter.state_dict().items()}
-        return adapter
-
-    loop.load_models, loop.build_adapter = spy_models, spy_adapter
-    try:
-        result = train(cfg)
-    finally:
-        loop.load_models, loop.build_adapter = real_models, real_adapter
-    return result, seen
+    return train_watched(cfg)
 
 
 def test_lora_training_changes_every_lora_weight_and_leaves_the_unet_bitwise_frozen(lora_run):

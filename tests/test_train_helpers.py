@@ -71,3 +71,48 @@ def run_config(tmp_path: Path, data: Path | str, out: str = "out", **changes: An
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
+
+
+def train_watched(cfg: TrainConfig, builder: str = "build_adapter") -> tuple[Any, dict[str, Any]]:
+    """Run ``train(cfg)`` and record what it built: ``models``, each frozen model's state before training
+    (``frozen``), and the adapter's ``spec`` and starting weights (``init``); ``builder`` names the loop's
+    adapter constructor (``build_dit_adapter`` for DiT runs)."""
+    from lookalike.training import loop
+    from lookalike.training.loop import train
+
+    seen: dict[str, Any] = {}
+    real_models, real_adapter = loop.load_models, getattr(loop, builder)
+
+    def spy_models(*args: Any, **kwargs: Any) -> Any:
+        models, spec = real_models(*args, **kwargs)
+        seen["models"] = models
+        seen["frozen"] = [{k: v.clone() for k, v in m.state_dict().items()} for m in models.frozen()]
+        return models, spec
+
+    def spy_adapter(spec: Any, *args: Any, **kwargs: Any) -> Any:
+        adapter = real_adapter(spec, *args, **kwargs)
+        seen["spec"], seen["init"] = spec, {k: v.clone() for k, v in adapter.state_dict().items()}
+        return adapter
+
+    loop.load_models = spy_models
+    setattr(loop, builder, spy_adapter)
+    try:
+        return train(cfg), seen
+    finally:
+        loop.load_models = real_models
+        setattr(loop, builder, real_adapter)
+
+
+def interrupted_at(call: int) -> Any:
+    """A stand-in for the loop's ``model_inputs`` that raises KeyboardInterrupt at its ``call``-th call (a kill)."""
+    from lookalike.training import loop
+
+    real, calls = loop.model_inputs, [0]
+
+    def dies(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == call:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    return dies
