@@ -40,12 +40,7 @@ def full_pipeline(base: str, tiny: bool) -> Any:
         return StableDiffusionPipeline(vae=vae, text_encoder=text(768, 12), tokenizer=tok, unet=unet,
                                        scheduler=sched, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
-    unet = UNet2DConditionModel(
-        sample_size=128, cross_attention_dim=2048, block_out_channels=(320, 640, 1280),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2, 10),
-        attention_head_dim=(5, 10, 20), use_linear_projection=True, addition_embed_type="text_time",
-        addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+    unet = sdxl_unet()
     return StableDiffusionXLPipeline(vae=vae, text_encoder=text(768, 12), tokenizer=tok,
                                      text_encoder_2=text(1280, 32, proj=True), tokenizer_2=tok, unet=unet,
                                      scheduler=sched)
@@ -66,3 +61,15 @@ def vit_h_encoder(tiny: bool) -> Any:
                                num_attention_heads=16, image_size=224, patch_size=14, projection_dim=1024,
                                hidden_act="gelu")
     return ClipImageEncoder(CLIPVisionModelWithProjection(cfg).eval())
+
+
+def sdxl_unet() -> Any:
+    """The SDXL base UNet architecture (2.6 B parameters) with random weights."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=128, cross_attention_dim=2048, block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=(5, 10, 20), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)

@@ -25,10 +25,12 @@ from collections import Counter
 from collections.abc import Callable
 
 import torch
+from common import sdxl_unet
+from overhead import features, sd15_unet, sized_spec
+from overhead_flux import flux_transformer, make_adapter
 
 from lookalike.adapters.attach import AdapterInput, attach_adapters
-from lookalike.adapters.module import IPAdapter
-from lookalike.adapters.spec import REGISTRY, AdapterSpec
+from lookalike.adapters.module import IPAdapter, model_family
 from lookalike.weights.io import official_state_dict
 
 #: Leaf aten operations that launch no kernel: views, allocations and metadata.
@@ -77,25 +79,6 @@ def count_ops(fn: Callable[[], None]) -> Counter:
     return counts
 
 
-def sized(spec: AdapterSpec, model: torch.nn.Module, tiny: bool) -> AdapterSpec:
-    """The registry spec, shrunk to a tiny model's widths when ``tiny``."""
-    if not tiny:
-        return spec
-    if spec.base == "flux":
-        return spec.with_(cross_attention_dim=model.context_embedder.in_features, embed_dim=24,
-                          num_tokens=8 if spec.projector == "flux_mlp" else spec.num_tokens)
-    kw = dict(spec.projector_kwargs, dim=32, heads=2) if spec.projector == "resampler" else spec.projector_kwargs
-    return spec.with_(cross_attention_dim=model.config.cross_attention_dim, projector_kwargs=kw,
-                      embed_dim=64 if spec.projector == "resampler" else 32)
-
-
-def features(spec: AdapterSpec, seed: int) -> torch.Tensor:
-    """Positive features ``(1, 1, ...)`` of the adapter's kind (257 patch tokens for plus)."""
-    g = torch.Generator().manual_seed(seed)
-    shape = (1, 1, 257, spec.embed_dim) if spec.features == ("patch",) else (1, 1, spec.embed_dim)
-    return torch.randn(shape, generator=g)
-
-
 def half_masks(count: int, side: int) -> list[torch.Tensor]:
     """``count`` masks ``(1, 1, side, side)`` splitting the image into vertical bands, one per adapter."""
     masks = []
@@ -108,22 +91,12 @@ def half_masks(count: int, side: int) -> list[torch.Tensor]:
 
 def unet_model(base: str, tiny: bool) -> torch.nn.Module:
     """The SD1.5 or SDXL UNet architecture with random weights (or a tiny one)."""
-    from diffusers import UNet2DConditionModel
-
     from lookalike.pipeline.tiny import tiny_unet
 
     torch.manual_seed(0)
-    if tiny:
-        return tiny_unet(base)
     if base == "sd15":
-        return UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8).eval()
-    return UNet2DConditionModel(
-        sample_size=128, cross_attention_dim=2048, block_out_channels=(320, 640, 1280),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
-        addition_embed_type="text_time", addition_time_embed_dim=256,
-        projection_class_embeddings_input_dim=2816).eval()
+        return sd15_unet(tiny, "cpu", torch.float32)
+    return (tiny_unet(base) if tiny else sdxl_unet()).eval()
 
 
 def unet_modes(base: str, tiny: bool, steps: int, latent: int, dtype: torch.dtype = torch.float32
@@ -155,9 +128,9 @@ def unet_modes(base: str, tiny: bool, steps: int, latent: int, dtype: torch.dtyp
         adapters = []
         for i, reg in enumerate(names):
             torch.manual_seed(10 + i)
-            adapters.append(IPAdapter.for_unet(sized(REGISTRY[reg], unet, tiny), unet, dtype=dtype).eval())
+            adapters.append(IPAdapter.for_unet(sized_spec(reg, unet, tiny), unet, dtype=dtype).eval())
             adapters[-1].name = f"{reg}#{i}"
-        feats = [features(a.spec, 20 + i).to(dtype) for i, a in enumerate(adapters)]
+        feats = [features(a.spec, "cpu", dtype) + i for i, a in enumerate(adapters)]
         masks = half_masks(len(adapters), 8 * latent) if masked else None
         modes[f"lookalike {name}"] = _lookalike(unet, adapters, feats, masks, run)
         unet.set_attn_processor(dict(original))
@@ -198,7 +171,7 @@ def _lookalike(model, adapters, feats, masks, run) -> Callable[[], None]:
         for i, (a, f, zero) in enumerate(zip(adapters, subjects.pop(), unconditional)):
             key = a.spec.features[0]
             tokens = a.project_once({key: f})
-            negative = a.project_once({key: zero}) if model_is_unet(model) else None  # guidance
+            negative = a.project_once({key: zero}) if model_family(model) == "unet" else None  # guidance
             inputs.append(AdapterInput(tokens, negative, masks=None if masks is None else masks[i]))
         with handle.conditioned(inputs):
             run()
@@ -208,19 +181,9 @@ def _lookalike(model, adapters, feats, masks, run) -> Callable[[], None]:
     return ours
 
 
-def model_is_unet(model: torch.nn.Module) -> bool:
-    return not hasattr(model, "single_transformer_blocks")
-
-
 def flux_modes(tiny: bool, steps: int, latent: int) -> dict[str, Callable[[], None]]:
     """bare, then lookalike (and diffusers' XLabs processor where it has the configuration) on one FLUX."""
-    from diffusers import FluxTransformer2DModel
-
-    from lookalike.pipeline.tiny_dit import tiny_flux_transformer
-
-    torch.manual_seed(0)
-    model = (tiny_flux_transformer() if tiny else
-             FluxTransformer2DModel(num_layers=2, num_single_layers=4, guidance_embeds=True)).eval()
+    model = flux_transformer(tiny, 2, 4, "cpu", torch.float32)
     g = torch.Generator().manual_seed(0)
     tokens, text = (latent // 2) ** 2, 128
     call = dict(hidden_states=torch.randn(1, tokens, model.config.in_channels, generator=g),
@@ -244,10 +207,9 @@ def flux_modes(tiny: bool, steps: int, latent: int) -> dict[str, Callable[[], No
     for name, (names, masked) in CONFIGS["flux"].items():
         adapters = []
         for i, reg in enumerate(names):
-            torch.manual_seed(10 + i)
-            adapters.append(IPAdapter.for_model(sized(REGISTRY[reg], model, tiny), model).eval())
+            adapters.append(make_adapter(reg, model, tiny, "cpu", torch.float32))
             adapters[-1].name = f"{reg}#{i}"
-        feats = [features(a.spec, 20 + i) for i, a in enumerate(adapters)]
+        feats = [features(a.spec, "cpu", torch.float32) + i for i, a in enumerate(adapters)]
         masks = half_masks(len(adapters), 8 * latent) if masked else None
         modes[f"lookalike {name}"] = _lookalike(model, adapters, feats, masks, run)
         if masked or any(a.spec.flavor != "xlabs" for a in adapters):
