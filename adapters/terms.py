@@ -140,7 +140,7 @@ class Term:
     cache: dict[tuple, Any] = field(default_factory=dict)
     handle: Any = None
     index: int = 0
-    live: frozenset = frozenset()
+    live: frozenset = field(init=False)
 
     def __post_init__(self) -> None:
         self.live = frozenset(i for i, s in self.scales.items()
